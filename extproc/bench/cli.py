@@ -1,0 +1,13 @@
+"""`extproc bench ...` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("bench", help="benchmarks (results go to stdout and optionally JSON)")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    from extproc.bench import sim_throughput
+
+    sim_throughput.add_parser(bench)

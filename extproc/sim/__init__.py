@@ -1,0 +1,1 @@
+"""The vLLM simulator behind `extproc sim`."""

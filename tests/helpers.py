@@ -1,0 +1,92 @@
+"""Small HTTP helpers the tests share: real requests to real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+def request(
+    method: str,
+    url: str,
+    body: bytes | dict[str, Any] | None = None,
+    timeout: float = 30.0,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    data = orjson.dumps(body) if isinstance(body, dict) else body
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return Reply(response.status, response.read(), dict(response.headers))
+    except urllib.error.HTTPError as exc:
+        return Reply(exc.code, exc.read(), dict(exc.headers))
+
+
+def post(url: str, body: bytes | dict[str, Any], timeout: float = 30.0, **kw: Any) -> Reply:
+    return request("POST", url, body, timeout, **kw)
+
+
+def get(url: str, timeout: float = 30.0) -> Reply:
+    return request("GET", url, None, timeout)
+
+
+def metrics(base: str) -> dict[str, float]:
+    """Every sample of a /metrics page, keyed by name plus sorted labels except model/engine."""
+    text = get(f"{base}/metrics").body.decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = {k: v for k, v in sample.labels.items() if k not in ("model_name", "engine")}
+            key = sample.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
+            out[key] = sample.value
+    return out
+
+
+async def stream_chat(base: str, body: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:
+    """Send a streaming chat request; return the client-side time to first token and the events."""
+    events: list[dict[str, Any]] = []
+    ttft = float("nan")
+    start = time.monotonic()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base}/v1/chat/completions", json={**body, "stream": True}) as response,
+    ):
+        assert response.status == 200, await response.text()
+        async for raw in response.content:
+            line = raw.strip()
+            if not line:
+                continue
+            assert line.startswith(b"data: "), line
+            payload = line[6:]
+            if payload == b"[DONE]":
+                events.append({"done": True})
+                break
+            event = orjson.loads(payload)
+            if ttft != ttft and any(c.get("delta", {}).get("content") for c in event.get("choices", [])):
+                ttft = time.monotonic() - start
+            events.append(event)
+    return ttft, events
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)

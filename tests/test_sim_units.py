@@ -1,0 +1,77 @@
+"""Pure parts of the simulator: tokens, chat template, block hashes, the KV cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from extproc.sim.config import SimConfigError, from_preset
+from extproc.sim.kvcache import KVCache
+from extproc.sim.tokens import PromptError, block_hashes, count_tokens, render_chat
+
+
+def test_chat_template_keeps_earlier_turns_as_a_prefix() -> None:
+    turn1 = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}]
+    turn2 = [*turn1, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+    first, second = render_chat(turn1), render_chat(turn2)
+    assert second.startswith(first)
+    assert first.index("S") < first.index("Q1")
+
+
+def test_chat_template_rejects_bad_shapes() -> None:
+    for bad in ([], "x", [1], [{"content": "x"}], [{"role": "user", "content": {"a": 1}}]):
+        with pytest.raises(PromptError):
+            render_chat(bad)
+
+
+def test_block_hashes_are_chained_and_cover_full_blocks_only() -> None:
+    a = "a" * 64 + "b" * 64 + "c" * 10
+    b = "z" * 64 + "b" * 64
+    assert count_tokens(a) == 35
+    ha, hb = block_hashes(a, 16), block_hashes(b, 16)
+    assert len(ha) == 2 and len(hb) == 2
+    assert ha[1] != hb[1]  # same second block, different first: no reuse
+    assert block_hashes("a" * 64 + "q" * 64, 16)[0] == ha[0]
+    assert block_hashes("é" * 64, 16) == block_hashes("é" * 64, 16)
+    assert len(block_hashes(list(range(40)), 16)) == 2
+
+
+def test_kv_cache_reuse_sharing_and_usage() -> None:
+    cache = KVCache(num_blocks=10, block_size=16)
+    h = [1, 2, 3]
+    first = cache.allocate(h, 3, 3 * 16 + 1)
+    assert first is not None and first.cached_blocks == 0 and first.num_blocks == 4
+    assert cache.usage == pytest.approx(0.4)
+    second = cache.allocate(h, 3, 3 * 16 + 1)  # shared while both run
+    assert second is not None and second.cached_blocks == 3
+    assert cache.held_blocks == 5
+    cache.release(first)
+    cache.release(second)
+    assert cache.usage == 0 and cache.cached_blocks == 3
+    assert cache.match([1, 2, 3, 4]) == 3
+    assert cache.match([9, 2, 3]) == 0
+
+
+def test_kv_cache_evicts_lru_tail_first_and_refuses_when_full() -> None:
+    cache = KVCache(num_blocks=4, block_size=16)
+    a = cache.allocate([1, 2], 2, 32)
+    assert a is not None
+    cache.release(a)
+    b = cache.allocate([7, 8, 9], 3, 48)  # needs 3 of 4 blocks: evicts a's tail (2) before its head (1)
+    assert b is not None
+    assert cache.match([1, 2]) == 1 and cache.evictions == 1
+    assert cache.allocate([5, 6], 2, 32) is None  # only one block is free
+    assert not cache.grow(b, 5 * 16)
+    assert cache.grow(b, 4 * 16)
+    assert cache.usage == 1.0
+
+
+def test_presets_and_validation() -> None:
+    small = from_preset("llama-3.2-1b", "m", num_gpu_blocks=8)
+    assert small.max_model_len == 128  # shortened to fit the cache
+    with pytest.raises(SimConfigError, match="--max-model-len"):
+        from_preset("llama-3.2-1b", "m", num_gpu_blocks=8, max_model_len=4096)
+    with pytest.raises(SimConfigError, match="--preset"):
+        from_preset("gpt-5", "m")
+    big = from_preset("llama-3.2-3b", "m")
+    one = from_preset("llama-3.2-1b", "m")
+    assert big.itl > one.itl and big.prefill_per_token > one.prefill_per_token
