@@ -1,0 +1,224 @@
+"""One typed configuration for the ext_proc server and the Envoy bootstrap generated from it.
+
+Both `extproc serve` and the Envoy bootstrap generator read this file, so the pools the picker scores
+and the clusters Envoy balances over cannot drift apart. Errors name the field and the fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message lists each bad field and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_host_port(value: str, what: str = "address") -> tuple[str, int]:
+    """Split ``host:port`` or ``[v6]:port``; the port must be 1..65535."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{what} {value!r} must be host:port, e.g. 127.0.0.1:8000")
+    return host.strip("[]"), int(port)
+
+
+def _check_endpoint(value: str) -> str:
+    host, port = parse_host_port(value, "endpoint")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"endpoint {value!r} must be an IP address and port (Envoy's override_host matches pod IPs); "
+            "for a DNS name use 'dns: {name: ..., port: ...}'"
+        ) from None
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+class DnsDiscovery(_Strict):
+    """Endpoints are the A/AAAA records of a (headless Service) name, re-resolved periodically."""
+
+    name: str = Field(min_length=1)
+    port: int = Field(gt=0, lt=65536)
+    interval: float = Field(default=5.0, gt=0, description="seconds between resolutions")
+
+
+class PoolEndpoints(_Strict):
+    static: list[str] | None = None
+    dns: DnsDiscovery | None = None
+
+    @field_validator("static")
+    @classmethod
+    def _static_addresses(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        out = [_check_endpoint(v) for v in value]
+        if len(set(out)) != len(out):
+            raise ValueError("static endpoints repeat an address; list each ip:port once")
+        return out
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PoolEndpoints:
+        if (self.static is None) == (self.dns is None):
+            raise ValueError("give exactly one of 'static' (a list of ip:port) or 'dns' (name and port)")
+        return self
+
+
+class MetricsSource(_Strict):
+    """Where an endpoint's vLLM /metrics are: same host, this path, this port (None = the serving port)."""
+
+    path: str = "/metrics"
+    port: int | None = Field(default=None, gt=0, lt=65536)
+
+
+class Pool(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    models: list[str] = Field(min_length=1, description="model names requests may ask for")
+    served_model_name: str | None = Field(
+        default=None, description="the name vLLM serves in this pool; default: the first of 'models'"
+    )
+    endpoints: PoolEndpoints
+    metrics: MetricsSource = MetricsSource()
+
+    @property
+    def served_name(self) -> str:
+        return self.served_model_name or self.models[0]
+
+
+class Scrape(_Strict):
+    interval: float = Field(default=0.05, gt=0, description="seconds between scrapes of one endpoint")
+    timeout: float = Field(default=1.0, gt=0, description="seconds before a scrape counts as failed")
+    stale_after: float = Field(default=2.0, gt=0, description="seconds after which a snapshot is stale")
+
+
+class WeightedPlugin(_Strict):
+    name: str
+    weight: float = Field(default=1.0, ge=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Saturation(_Strict):
+    """An endpoint is saturated when its queue or KV-cache use is at or above these."""
+
+    queue_threshold: float = Field(default=5, ge=0)
+    kv_cache_threshold: float = Field(default=0.8, gt=0, le=1)
+
+
+class Scheduler(_Strict):
+    filters: list[str] = Field(default_factory=lambda: ["healthy", "subset", "not_saturated"])
+    scorers: list[WeightedPlugin] = Field(
+        default_factory=lambda: [
+            WeightedPlugin(name="queue", weight=2),
+            WeightedPlugin(name="kv_cache", weight=2),
+            WeightedPlugin(name="prefix", weight=3),
+        ]
+    )
+    picker: str = "max_score"
+    fallbacks: int = Field(default=2, ge=0, description="extra endpoints after the pick, for Envoy to retry")
+    saturation: Saturation = Saturation()
+    shed_when_saturated: bool = Field(
+        default=False, description="answer 429 when every endpoint is saturated instead of picking anyway"
+    )
+
+
+class Prefix(_Strict):
+    block_chars: int = Field(default=64, ge=8, description="characters per prefix block (~16 tokens)")
+    max_blocks: int = Field(default=16384, ge=1, description="prefix blocks remembered per endpoint (LRU)")
+    max_prompt_blocks: int = Field(default=256, ge=1, description="leading blocks of a prompt that are hashed")
+
+
+class Limits(_Strict):
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0, description="larger bodies get 413")
+
+
+class Server(_Strict):
+    listen: str = Field(default="127.0.0.1:9002", description="host:port, or unix:/path for a socket")
+    metrics_listen: str = Field(default="127.0.0.1:9090", description="host:port of the Prometheus endpoint")
+    grace_period: float = Field(default=10.0, ge=0, description="seconds in-flight streams get on SIGTERM")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value.startswith("unix:"):
+            if len(value) <= len("unix:"):
+                raise ValueError("a unix socket address needs a path, e.g. unix:/run/extproc.sock")
+            return value
+        parse_host_port(value, "listen")
+        return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, value: str) -> str:
+        parse_host_port(value, "metrics_listen")
+        return value
+
+
+class Config(_Strict):
+    server: Server = Server()
+    pools: Annotated[list[Pool], Field(min_length=1)]
+    scrape: Scrape = Scrape()
+    scheduler: Scheduler = Scheduler()
+    prefix: Prefix = Prefix()
+    limits: Limits = Limits()
+
+    @model_validator(mode="after")
+    def _unique(self) -> Config:
+        names = [p.name for p in self.pools]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"pool names must be unique; repeated: {', '.join(sorted(dup))}")
+        seen: dict[str, str] = {}
+        for pool in self.pools:
+            for model in pool.models:
+                if model in seen:
+                    raise ValueError(
+                        f"model {model!r} is listed by pools {seen[model]!r} and {pool.name!r}; "
+                        "a model name must select one pool"
+                    )
+                seen[model] = pool.name
+        return self
+
+    def pool(self, name: str) -> Pool | None:
+        return next((p for p in self.pools if p.name == name), None)
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field: remove it or check its spelling"
+        elif error["type"] == "missing":
+            message = "required field is missing"
+        lines.append(f"  {where}: {message}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def parse_config(data: Any) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping with at least 'pools'")
+    return parse_config(data)

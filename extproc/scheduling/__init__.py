@@ -1,0 +1,10 @@
+"""The scheduling core: pure policy, no I/O and no asyncio.
+
+Data flows one way: a RoutingRequest and the endpoints' latest states go in; filters narrow the
+candidates, weighted scorers rank them, a picker orders them; a Decision (pick plus fallbacks, or a
+refusal with its HTTP status) comes out.
+"""
+
+from extproc.scheduling.types import Decision, EndpointState, RoutingRequest
+
+__all__ = ["Decision", "EndpointState", "RoutingRequest"]
