@@ -1,0 +1,307 @@
+"""vLLM /metrics -> the load figures in each `EndpointState`, scraped in the background.
+
+The scraper runs in the same process and on the same event loop as the gRPC server, at ~20 scrapes per
+second per endpoint, so each scrape is kept cheap: one keep-alive aiohttp session, the raw body as bytes
+(no decompression, no decoding), and a parser that only looks for the three series the picker needs
+instead of parsing the whole page. Each endpoint has its own task, so a slow or hung endpoint only
+delays itself; failing endpoints are retried with exponential back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import aiohttp
+from yarl import URL
+
+from extproc.config import Config, MetricsSource, Scrape
+from extproc.endpoints import EndpointTable
+
+log = logging.getLogger(__name__)
+
+WAITING = b"vllm:num_requests_waiting"
+RUNNING = b"vllm:num_requests_running"
+KV_USAGE = b"vllm:kv_cache_usage_perc"
+KV_USAGE_LEGACY = b"vllm:gpu_cache_usage_perc"  # vLLM v0 engine and early v1 releases
+
+
+class MetricsParseError(ValueError):
+    """The page lacks a series the picker needs, or a sample of one is malformed."""
+
+
+class VllmLoad(NamedTuple):
+    """What one /metrics page says about load, summed over the engines of a data-parallel server."""
+
+    waiting: float
+    running: float
+    kv_usage: float  # mean over the label sets, 0..1
+    series: int  # label sets (engines / model names) the KV figure came from
+
+
+def _samples(data: bytes, name: bytes) -> list[float]:
+    """Values of every sample of ``name`` (any labels) in Prometheus text; [] if there are none.
+
+    Finds lines that start with exactly ``name`` followed by ``{`` or a space, so longer names that share
+    the prefix (``..._by_reason``) and ``# HELP``/``# TYPE`` lines never match. Label values may hold any
+    character; the value follows the last ``}`` on the line, and a timestamp after it is ignored.
+    """
+    out: list[float] = []
+    size = len(name)
+    needle = b"\n" + name
+    if data.startswith(name):
+        start = 0
+    else:
+        start = data.find(needle) + 1
+        if start == 0:
+            return out
+    while True:
+        end = data.find(b"\n", start)
+        if end < 0:
+            end = len(data)
+        delimiter = data[start + size : start + size + 1]
+        if delimiter == b"{":
+            close = data.rfind(b"}", start, end)
+            rest: bytes | None = data[close + 1 : end] if close > start + size else b""
+        elif delimiter in (b" ", b"\t"):
+            rest = data[start + size : end]
+        else:
+            rest = None  # a longer metric name that shares this prefix
+        if rest is not None:
+            parts = rest.split()
+            try:
+                value = float(parts[0])
+            except (IndexError, ValueError):
+                line = data[start:end][:200].decode(errors="replace")
+                raise MetricsParseError(f"malformed sample: {line!r}") from None
+            if not math.isfinite(value):
+                raise MetricsParseError(f"{name.decode()} is {value}")
+            out.append(value)
+        start = data.find(needle, end) + 1
+        if start == 0:
+            return out
+
+
+def parse_vllm_metrics(data: bytes) -> VllmLoad:
+    """The queue, batch and KV-cache figures of a vLLM /metrics page (Prometheus text or OpenMetrics).
+
+    Several label sets (``engine`` of a data-parallel server, ``model_name``): waiting and running are
+    summed, since the server queues them all; KV usage is the mean, since vLLM balances requests across
+    its engines itself, so the pod's headroom is the engines' combined free cache (equal-sized engines).
+    ``vllm:gpu_cache_usage_perc`` is read only when ``vllm:kv_cache_usage_perc`` is absent.
+    Raises `MetricsParseError` if any of the three figures is missing.
+    """
+    waiting = _samples(data, WAITING)
+    running = _samples(data, RUNNING)
+    kv = _samples(data, KV_USAGE) or _samples(data, KV_USAGE_LEGACY)
+    if not waiting or not running or not kv:
+        missing = [
+            label
+            for label, values in (
+                ("vllm:num_requests_waiting", waiting),
+                ("vllm:num_requests_running", running),
+                ("vllm:kv_cache_usage_perc", kv),
+            )
+            if not values
+        ]
+        raise MetricsParseError(f"no {', '.join(missing)} in the page (is this a vLLM /metrics endpoint?)")
+    return VllmLoad(sum(waiting), sum(running), sum(kv) / len(kv), len(kv))
+
+
+@dataclass(slots=True)
+class ScrapeStats:
+    """Per-endpoint scrape counters and gauges, for logs and the telemetry module."""
+
+    address: str
+    url: str
+    successes: int = 0
+    errors: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)  # timeout, connect, status, parse
+    consecutive_errors: int = 0
+    last_error: str = ""
+    last_duration: float = 0.0  # seconds, of the latest attempt
+    last_success_at: float | None = None  # monotonic
+    next_delay: float = 0.0  # current wait between attempts (grows while failing)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "url": self.url,
+            "successes": self.successes,
+            "errors": self.errors,
+            "errors_by_kind": dict(self.errors_by_kind),
+            "consecutive_errors": self.consecutive_errors,
+            "last_error": self.last_error,
+            "last_duration": self.last_duration,
+            "last_success_at": self.last_success_at,
+            "next_delay": self.next_delay,
+        }
+
+
+def metrics_url(address: str, source: MetricsSource) -> str:
+    """``http://ip:port/path`` of an endpoint's /metrics; IPv6 addresses keep their brackets."""
+    host, _, port = address.rpartition(":")
+    return f"http://{host}:{source.port or port}{source.path}"
+
+
+class Scraper:
+    """Scrapes every endpoint of an `EndpointTable`, one task per address, following membership changes.
+
+    On success the endpoint's states get the new figures, ``scraped_at`` (monotonic), ``scrape_ok`` and
+    ``pending = 0``. On failure only ``scrape_ok`` turns False: the last figures and ``scraped_at`` stay,
+    so the picker can see how stale they are.
+    """
+
+    def __init__(self, config: Config, table: EndpointTable, *, max_backoff: float = 1.0) -> None:
+        """Scrape settings come from ``config.scrape``, each pool's /metrics location from ``pool.metrics``."""
+        self._table = table
+        self._scrape: Scrape = config.scrape
+        self._metrics: dict[str, MetricsSource] = {pool.name: pool.metrics for pool in config.pools}
+        self._interval = self._scrape.interval
+        self._max_backoff = max(max_backoff, self._interval)
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._ending: set[asyncio.Task[None]] = set()
+        self._unsubscribe: list[Any] = []
+        self.stats: dict[str, ScrapeStats] = {}
+
+    # ----- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._session is not None:
+            return
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
+            timeout=aiohttp.ClientTimeout(total=self._scrape.timeout),
+            # identity: prometheus_client gzips when asked, which costs CPU on both ends for nothing here;
+            # text/plain: the classic format, not OpenMetrics (both parse, the classic one is smaller).
+            headers={"Accept": "text/plain", "Accept-Encoding": "identity", "User-Agent": "extproc-router/scrape"},
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+        )
+        self._unsubscribe = [self._table.on_added(self._added), self._table.on_removed(self._removed)]
+        for address in self._table.addresses():
+            self._begin(address)
+
+    async def stop(self) -> None:
+        """Cancel every scrape, wait for them to end, close the session. Safe to call twice."""
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
+        tasks = [*self._tasks.values(), *self._ending]
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._ending.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def scraping(self) -> list[str]:
+        """Addresses with a live scrape task."""
+        return list(self._tasks)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Plain-dict copy of `stats`, keyed by address."""
+        return {address: stats.as_dict() for address, stats in self.stats.items()}
+
+    # ----- membership -------------------------------------------------------------------------
+
+    def _added(self, _pool: str, address: str) -> None:
+        self._begin(address)
+
+    def _removed(self, address: str) -> None:
+        task = self._tasks.pop(address, None)
+        self.stats.pop(address, None)
+        if task is not None:
+            task.cancel()
+            self._ending.add(task)
+            task.add_done_callback(self._ending.discard)
+
+    def _begin(self, address: str) -> None:
+        if address in self._tasks:
+            return
+        states = self._table.states_for(address)
+        source = self._metrics.get(states[0].pool) if states else None
+        url = metrics_url(address, source or MetricsSource())
+        stats = self.stats[address] = ScrapeStats(address=address, url=url, next_delay=self._interval)
+        self._tasks[address] = asyncio.get_running_loop().create_task(
+            self._run(address, URL(url), stats), name=f"scrape:{address}"
+        )
+
+    # ----- scraping ---------------------------------------------------------------------------
+
+    async def _run(self, address: str, url: URL, stats: ScrapeStats) -> None:
+        """Scrape at a fixed rate while it works; back off (doubling, up to max_backoff) while it fails."""
+        loop = asyncio.get_running_loop()
+        interval = self._interval
+        delay = interval
+        next_at = loop.time()
+        first = True
+        while True:
+            ok = await self._scrape_once(address, url, stats)
+            now = loop.time()
+            if ok:
+                delay = interval
+                # The first wait is random so endpoints added together do not scrape in lockstep.
+                next_at = now + random.uniform(0.0, interval) if first else max(next_at + interval, now)
+                first = False
+            else:
+                delay = min(delay * 2, self._max_backoff)
+                next_at = now + delay
+            stats.next_delay = delay
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+
+    async def _scrape_once(self, address: str, url: URL, stats: ScrapeStats) -> bool:
+        session = self._session
+        assert session is not None
+        started = time.monotonic()
+        try:
+            async with session.get(url, allow_redirects=False) as response:
+                body = await response.read()
+                status = response.status
+            if status != 200:
+                return self._failed(address, stats, started, "status", f"HTTP {status}")
+            load = parse_vllm_metrics(body)
+        except TimeoutError:
+            return self._failed(address, stats, started, "timeout", f"no answer within {self._scrape.timeout}s")
+        except MetricsParseError as exc:
+            return self._failed(address, stats, started, "parse", str(exc))
+        except (aiohttp.ClientError, OSError) as exc:
+            return self._failed(address, stats, started, "connect", f"{type(exc).__name__}: {exc}")
+        now = time.monotonic()
+        for state in self._table.states_for(address):
+            state.waiting = load.waiting
+            state.running = load.running
+            state.kv_usage = load.kv_usage
+            state.scraped_at = now
+            state.scrape_ok = True
+            state.pending = 0
+        stats.successes += 1
+        stats.last_duration = now - started
+        stats.last_success_at = now
+        if stats.consecutive_errors:
+            log.info("scrape of %s works again after %d failures", address, stats.consecutive_errors)
+            stats.consecutive_errors = 0
+        return True
+
+    def _failed(self, address: str, stats: ScrapeStats, started: float, kind: str, error: str) -> bool:
+        for state in self._table.states_for(address):
+            state.scrape_ok = False
+        stats.errors += 1
+        stats.errors_by_kind[kind] = stats.errors_by_kind.get(kind, 0) + 1
+        stats.last_error = error
+        stats.last_duration = time.monotonic() - started
+        if not stats.consecutive_errors:
+            log.warning("scrape of %s failed: %s (retrying with back-off)", stats.url, error)
+        stats.consecutive_errors += 1
+        return False
