@@ -99,6 +99,8 @@ class Scrape(_Strict):
 
 
 class WeightedPlugin(_Strict):
+    """A scorer and its weight; ``params`` go to its constructor (e.g. prefix: ``{min_blocks: 16}``)."""
+
     name: str
     weight: float = Field(default=1.0, ge=0)
     params: dict[str, Any] = Field(default_factory=dict)
@@ -112,7 +114,8 @@ class Saturation(_Strict):
 
 
 class Scheduler(_Strict):
-    filters: list[str] = Field(default_factory=lambda: ["healthy", "subset", "not_saturated"])
+    # The subset hint comes first: it defines the candidate set, inside which health may fail open.
+    filters: list[str] = Field(default_factory=lambda: ["subset", "healthy", "not_saturated"])
     scorers: list[WeightedPlugin] = Field(
         default_factory=lambda: [
             WeightedPlugin(name="queue", weight=2),

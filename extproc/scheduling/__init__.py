@@ -5,6 +5,28 @@ candidates, weighted scorers rank them, a picker orders them; a Decision (pick p
 refusal with its HTTP status) comes out.
 """
 
+from extproc.scheduling.plugins import (
+    OnEmpty,
+    PluginError,
+    SchedulingContext,
+    known_plugins,
+    register_filter,
+    register_picker,
+    register_scorer,
+)
+from extproc.scheduling.scheduler import Scheduler
 from extproc.scheduling.types import Decision, EndpointState, RoutingRequest
 
-__all__ = ["Decision", "EndpointState", "RoutingRequest"]
+__all__ = [
+    "Decision",
+    "EndpointState",
+    "OnEmpty",
+    "PluginError",
+    "RoutingRequest",
+    "Scheduler",
+    "SchedulingContext",
+    "known_plugins",
+    "register_filter",
+    "register_picker",
+    "register_scorer",
+]

@@ -1,0 +1,207 @@
+"""Prompt block hashing and the bounded prefix index behind prefix-affinity routing.
+
+An endpoint that recently served a prompt very likely still holds the KV-cache blocks of its prefix,
+so sending a request whose prompt starts the same way there skips that part of the prefill. vLLM can
+only reuse a block if every block before it matches too, so prompts are cut into blocks and hashed
+*chained* (each block's hash is seeded with the previous one): equal hash i means equal text up to
+the end of block i, and a lookup is a longest-prefix walk that stops at the first miss.
+
+Everything here is pure and in memory; memory is bounded by ``max_blocks`` per endpoint.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+import xxhash
+
+_hash = xxhash.xxh3_64_intdigest
+
+
+@lru_cache(maxsize=1024)
+def model_seed(model: str) -> int:
+    """The seed of a model's hash chain, so that the same text for two models never matches."""
+    return _hash(model.encode())
+
+
+def prompt_hashes(text: str, model: str, block_chars: int = 64, max_blocks: int = 256) -> tuple[int, ...]:
+    """Chained xxh3-64 hashes of the leading ``block_chars``-character blocks of ``text``.
+
+    Only full blocks are hashed, as in GIE and vLLM: a trailing partial block changes with every
+    extra character, so it would never match a longer follow-up prompt. The one exception is a prompt
+    shorter than one block: it gets one hash of all of it, so that identical short prompts can still
+    be matched (the prefix scorer gives such a match little weight, see ``scorers.PrefixScorer``).
+    At most ``max_blocks`` leading blocks are hashed; an empty text has no hashes.
+
+    Blocks are counted in characters, not bytes; ASCII text (the common case) is hashed as slices
+    of its UTF-8 encoding, other text block by block.
+    """
+    if not text:
+        return ()
+    seed = model_seed(model)
+    data = text.encode()
+    full = min(len(text) // block_chars, max_blocks)
+    if full == 0:
+        return (_hash(data, seed),)
+    end = full * block_chars
+    out: list[int] = []
+    append = out.append
+    h = seed
+    if len(data) == len(text):  # ASCII: byte offsets are character offsets
+        for start in range(0, end, block_chars):
+            h = _hash(data[start : start + block_chars], h)
+            append(h)
+    else:
+        for start in range(0, end, block_chars):
+            h = _hash(text[start : start + block_chars].encode(), h)
+            append(h)
+    return tuple(out)
+
+
+class PrefixIndex:
+    """Which endpoint recently received which prompt blocks: a bounded LRU per endpoint.
+
+    ``_lru[address]`` holds that endpoint's block hashes, least recently used first, at most
+    ``max_blocks`` of them. ``_holders[hash]`` is a bit mask of the endpoints holding a block (each
+    endpoint owns one bit while it is indexed), kept consistent with the LRUs, so one dict lookup and
+    one integer ``&`` test a block against every candidate at once, whatever the pool size. Masks
+    rather than sets of addresses also keep the global map out of the garbage collector's sight (a
+    dict of ints is not tracked), so a large index does not make full collections slower.
+
+    Memory is bounded by ``max_blocks`` times the number of endpoints; ``purge`` drops an endpoint
+    that left the pool and frees its bit.
+    """
+
+    __slots__ = ("_bit", "_free", "_holders", "_lru", "_owner", "max_blocks")
+
+    def __init__(self, max_blocks: int = 16384) -> None:
+        if max_blocks < 1:
+            raise ValueError("max_blocks must be at least 1")
+        self.max_blocks = max_blocks
+        self._lru: dict[str, OrderedDict[int, None]] = {}
+        self._holders: dict[int, int] = {}  # block hash -> bit mask of endpoints holding it
+        self._bit: dict[str, int] = {}  # address -> its bit (a power of two)
+        self._owner: dict[int, str] = {}  # bit -> address
+        self._free: list[int] = []  # bits released by purge, reused first
+
+    def match(self, hashes: Sequence[int], candidates: Iterable[str]) -> dict[str, int]:
+        """For each candidate address, how many *leading* blocks of ``hashes`` it holds.
+
+        ``record`` keeps every endpoint's blocks of a chain prefix-closed (see there), so the set of
+        candidates holding block ``i`` only shrinks as ``i`` grows. The walk therefore binary-searches
+        for the few places where that set changes instead of testing every block: O(log n) lookups per
+        distinct match length, instead of one per matched block (a 250-block prompt: ~10 lookups
+        rather than 250). The result is the same as the block-by-block walk that stops at each
+        endpoint's first miss (``tests/test_prefix.py`` checks it against one).
+        """
+        result = dict.fromkeys(candidates, 0)
+        if not hashes:
+            return result
+        bits = self._bit
+        wanted = 0
+        for address in result:
+            wanted |= bits.get(address, 0)
+        if not wanted:
+            return result
+        holders = self._holders.get
+        n = len(hashes)
+        active = holders(hashes[0], 0) & wanted
+        i = 0  # invariant: exactly the endpoints in ``active`` hold blocks 0..i
+        while active:
+            # the last block j >= i that every endpoint in ``active`` holds
+            lo, hi = i, n - 1
+            while lo < hi:
+                mid = (lo + hi + 1) >> 1
+                if holders(hashes[mid], 0) & active == active:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            if lo == n - 1:
+                self._assign(result, active, n)
+                break
+            still = holders(hashes[lo + 1], 0) & active
+            self._assign(result, active & ~still, lo + 1)
+            active, i = still, lo + 1
+        return result
+
+    def _assign(self, result: dict[str, int], mask: int, depth: int) -> None:
+        owner = self._owner
+        while mask:
+            low = mask & -mask
+            result[owner[low]] = depth
+            mask ^= low
+
+    def record(self, address: str, hashes: Sequence[int]) -> None:
+        """Remember that ``address`` now holds these blocks; evict its least recently used beyond the bound.
+
+        ``hashes`` must be a whole chain from the prompt's first block, as ``prompt_hashes`` makes.
+        Blocks are touched last to first, so the head of a prompt is the most recent: under
+        pressure a prompt loses its tail before its head (as vLLM evicts), and a shared head such
+        as a system prompt, refreshed by every request using it, survives longest. It also keeps
+        each endpoint's blocks prefix-closed (holding block i implies holding blocks 0..i-1 of its
+        chain: every touch of block i is followed by a touch of block i-1), which ``match`` relies on.
+        """
+        if not hashes:
+            return
+        lru = self._lru.get(address)
+        if lru is None:
+            lru = self._lru[address] = OrderedDict()
+            bit = self._free.pop() if self._free else 1 << len(self._bit)
+            self._bit[address] = bit
+            self._owner[bit] = address
+        else:
+            bit = self._bit[address]
+        holders = self._holders
+        get = holders.get
+        touch = lru.move_to_end
+        for h in reversed(hashes):
+            if h in lru:
+                touch(h)
+            else:
+                lru[h] = None
+                holders[h] = get(h, 0) | bit
+        for _ in range(len(lru) - self.max_blocks):
+            old, _none = lru.popitem(last=False)
+            self._drop(old, bit)
+
+    def purge(self, address: str) -> int:
+        """Forget everything about ``address`` (an endpoint that left the pool); returns blocks dropped."""
+        lru = self._lru.pop(address, None)
+        if lru is None:
+            return 0
+        bit = self._bit.pop(address)
+        del self._owner[bit]
+        for h in lru:
+            self._drop(h, bit)
+        self._free.append(bit)
+        return len(lru)
+
+    def _drop(self, h: int, bit: int) -> None:
+        mask = self._holders.get(h, 0) & ~bit
+        if mask:
+            self._holders[h] = mask
+        else:
+            self._holders.pop(h, None)
+
+    def holders(self, h: int) -> list[str]:
+        """Endpoints holding block ``h`` (for tests and debugging)."""
+        return sorted(address for bit, address in self._owner.items() if self._holders.get(h, 0) & bit)
+
+    def size(self, address: str) -> int:
+        """Blocks remembered for one endpoint."""
+        lru = self._lru.get(address)
+        return 0 if lru is None else len(lru)
+
+    def total_blocks(self) -> int:
+        """Blocks remembered over all endpoints (a block held by two endpoints counts twice)."""
+        return sum(len(lru) for lru in self._lru.values())
+
+    def distinct_blocks(self) -> int:
+        """Distinct block hashes in the index."""
+        return len(self._holders)
+
+    def addresses(self) -> list[str]:
+        """Endpoints the index remembers anything for."""
+        return list(self._lru)
