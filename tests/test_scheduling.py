@@ -189,9 +189,10 @@ def test_filter_order_decides_whether_a_stale_hinted_endpoint_fails_open() -> No
     eps[2].scraped_at = NOW - 10
     hint = [eps[2].address]
     # healthy first: the hint names only a stale endpoint, so nothing eligible is left
-    assert scheduler().schedule(request(scheduler(), subset=hint), eps, NOW).status == 503
-    # subset first: the hint is honoured and health fails open inside it
-    s = scheduler(filters=["subset", "healthy", "not_saturated"])
+    h = scheduler(filters=["healthy", "subset", "not_saturated"])
+    assert h.schedule(request(h, subset=hint), eps, NOW).status == 503
+    # subset first (the default): the hint is honoured and health fails open inside it
+    s = scheduler()
     decision = s.schedule(request(s, subset=hint), eps, NOW)
     assert decision.endpoints == (eps[2].address,)
     assert decision.fail_open
