@@ -81,11 +81,39 @@ def _run_sim(args: argparse.Namespace) -> int:
     return run(config, args.host, args.port, int(args.max_body_mb * 1024 * 1024))
 
 
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the ext_proc endpoint picker",
+        description="Run the Envoy ext_proc endpoint picker: gRPC ExternalProcessor, health, /metrics.",
+    )
+    p.add_argument("--config", required=True, help="YAML configuration (see examples/config.yaml)")
+    p.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from extproc.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"extproc serve: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config}: valid ({len(config.pools)} pools)")
+        return 0
+    from extproc.server import run
+
+    return run(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extproc", description="Envoy ext_proc endpoint picker for vLLM, and its vLLM simulator."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(sub)
     _add_sim(sub)
     from extproc.bench.cli import add_bench
 

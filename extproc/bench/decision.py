@@ -14,8 +14,6 @@ import random
 import time
 from pathlib import Path
 
-from extproc.scheduling import EndpointState, RoutingRequest, Scheduler
-
 _VOCABULARY = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but have an "
     "they you were her she there been one all we their has would when if so no what can out other into more "
@@ -63,6 +61,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    from extproc.scheduling import EndpointState, RoutingRequest, Scheduler  # the CLI imports this module
+
     rng = random.Random(args.seed)
     scheduler = Scheduler(rng=random.Random(args.seed))
     model, pool = "bench-model", "bench"

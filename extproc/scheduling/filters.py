@@ -37,8 +37,13 @@ class Subset:
 
 
 def saturated(endpoint: EndpointState, queue_threshold: float, kv_cache_threshold: float) -> bool:
-    """Queue (waiting plus sent since the scrape) or KV-cache use at or above its threshold."""
-    return endpoint.waiting + endpoint.pending >= queue_threshold or endpoint.kv_usage >= kv_cache_threshold
+    """The scraped queue or KV-cache use at or above its threshold.
+
+    ``pending`` (requests sent since the last scrape) is left out on purpose: most of them are already
+    running or done by the next scrape, and at a few hundred requests per second per endpoint they
+    alone would cross any small threshold and turn every endpoint "saturated" between two scrapes.
+    """
+    return endpoint.waiting >= queue_threshold or endpoint.kv_usage >= kv_cache_threshold
 
 
 @register_filter("not_saturated")
@@ -54,4 +59,4 @@ class NotSaturated:
 
     def apply(self, ctx: SchedulingContext, candidates: list[EndpointState]) -> list[EndpointState]:
         q, kv = ctx.queue_threshold, ctx.kv_cache_threshold
-        return [e for e in candidates if e.waiting + e.pending < q and e.kv_usage < kv]
+        return [e for e in candidates if not saturated(e, q, kv)]

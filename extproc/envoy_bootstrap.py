@@ -1,0 +1,458 @@
+"""Envoy's bootstrap, generated from the same `Config` the ext_proc reads, so pools and clusters cannot drift.
+
+The gateway Envoy has one listener whose HTTP connection manager runs ``ext_proc`` then ``router``:
+
+* one cluster ``pool-<name>`` per pool with the ``override_host`` load-balancing policy: it sends a request
+  to the endpoint the ext_proc named (dynamic metadata ``envoy.lb`` / ``x-gateway-destination-endpoint``,
+  then the header of that name) **only if that endpoint is a member of the cluster**, and otherwise falls
+  back to round robin (or least request). So an ext_proc outage (``failure_mode_allow``) or a spoofed
+  client header degrades to Envoy's own balancing inside the right pool, never to an arbitrary address;
+* routes, first match wins: ``x-extproc-pool: <name>`` (set by the ext_proc after reading the body's
+  ``model``, with a route cache clear) -> that pool, stripping any ``/v1/<pool>/`` prefix to ``/v1/``;
+  ``/v1/<name>/...`` -> that pool, rewritten to ``/v1/...``, with gRPC initial metadata ``x-pool: <name>``
+  on the ext_proc stream; anything else -> the first pool;
+* a cluster ``extproc`` (HTTP/2, TCP or unix socket) for the ext_proc itself.
+
+It is built from envoy-data-plane's typed (betterproto2 + pydantic) messages, so a misspelt field or a
+wrong type fails here, naming the field, rather than in Envoy; Envoy's own rules (ranges, required
+fields) are still only checked by ``envoy --mode validate``, which the tests run. Any-typed fields
+(``typed_config``) are packed with ``Any.pack`` and unpacked by ``to_dict``, which needs every packed type
+registered, i.e. its module imported here. Costs: the imports take ~1 s, the first build ~0.4 s (pydantic
+warm-up), later builds ~50 ms: fine for a generator, never for a request path. ``to_dict`` drops enums at
+their zero value (``type: STATIC``, ``response_body_mode: NONE``); they are written back so the YAML
+shows every choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import betterproto2
+import yaml
+
+from extproc.config import Config, ConfigError, Pool, load_config, parse_host_port
+
+# envoy-data-plane's generated classes trip pydantic deprecation warnings when imported; they are not ours.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from envoy_data_plane.envoy.config.accesslog import v3 as accesslog
+    from envoy_data_plane.envoy.config.bootstrap import v3 as bootstrap
+    from envoy_data_plane.envoy.config.cluster import v3 as cluster
+    from envoy_data_plane.envoy.config.core import v3 as core
+    from envoy_data_plane.envoy.config.endpoint import v3 as endpoint
+    from envoy_data_plane.envoy.config.listener import v3 as listener
+    from envoy_data_plane.envoy.config.route import v3 as route
+    from envoy_data_plane.envoy.extensions.access_loggers.stream import v3 as stream_log
+    from envoy_data_plane.envoy.extensions.clusters.common.dns import v3 as dns_common
+    from envoy_data_plane.envoy.extensions.clusters.dns import v3 as dns_cluster
+    from envoy_data_plane.envoy.extensions.filters.http.ext_proc import v3 as ext_proc_v3
+    from envoy_data_plane.envoy.extensions.filters.http.router import v3 as router
+    from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager import v3 as hcm
+    from envoy_data_plane.envoy.extensions.load_balancing_policies.least_request import v3 as least_request
+    from envoy_data_plane.envoy.extensions.load_balancing_policies.override_host import v3 as override_host
+    from envoy_data_plane.envoy.extensions.load_balancing_policies.round_robin import v3 as round_robin
+    from envoy_data_plane.envoy.extensions.upstreams.http import v3 as upstream_http
+    from envoy_data_plane.envoy.type.matcher import v3 as matcher
+    from envoy_data_plane.envoy.type.metadata import v3 as metadata
+    from envoy_data_plane.google.protobuf import Any as AnyProto
+
+from extproc.names import (
+    DESTINATION_KEY,
+    LB_NAMESPACE,
+    PICKED_HEADER,
+    POOL_HEADER,
+    POOL_METADATA,
+    UPSTREAM_HOST_HEADER,
+)
+
+EXT_PROC_CLUSTER = "extproc"
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+Fallback = Literal["round_robin", "least_request"]
+_SNAKE = betterproto2.Casing.SNAKE
+
+
+def pool_cluster_name(pool: Pool | str) -> str:
+    return f"pool-{pool if isinstance(pool, str) else pool.name}"
+
+
+def _seconds(value: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=value)
+
+
+def _typed(name: str, message: betterproto2.Message) -> core.TypedExtensionConfig:
+    return core.TypedExtensionConfig(name=name, typed_config=AnyProto.pack(message))
+
+
+def _address(value: str) -> core.Address:
+    """``host:port`` / ``[v6]:port`` -> socket address; ``unix:/path`` (or ``unix:@abstract``) -> pipe."""
+    if value.startswith("unix:"):
+        return core.Address(pipe=core.Pipe(path=value.removeprefix("unix:")))
+    host, port = parse_host_port(value)
+    return core.Address(socket_address=core.SocketAddress(address=host, port_value=port))
+
+
+def _load_assignment(name: str, addresses: Sequence[core.Address]) -> endpoint.ClusterLoadAssignment:
+    return endpoint.ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[
+            endpoint.LocalityLbEndpoints(
+                lb_endpoints=[endpoint.LbEndpoint(endpoint=endpoint.Endpoint(address=a)) for a in addresses]
+            )
+        ],
+    )
+
+
+def _protocol_options(http2: bool) -> dict[str, AnyProto]:
+    explicit = (
+        upstream_http.HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=core.Http2ProtocolOptions())
+        if http2
+        else upstream_http.HttpProtocolOptionsExplicitHttpConfig(http_protocol_options=core.Http1ProtocolOptions())
+    )
+    return {HTTP_PROTOCOL_OPTIONS: AnyProto.pack(upstream_http.HttpProtocolOptions(explicit_http_config=explicit))}
+
+
+def _override_host_policy(fallback: Fallback) -> cluster.LoadBalancingPolicy:
+    """Endpoint from the ext_proc's metadata, else from the header; non-members are skipped; else fallback."""
+    if fallback == "round_robin":
+        fallback_lb = _typed("envoy.load_balancing_policies.round_robin", round_robin.RoundRobin())
+    elif fallback == "least_request":
+        fallback_lb = _typed("envoy.load_balancing_policies.least_request", least_request.LeastRequest())
+    else:
+        raise ValueError(f"fallback must be 'round_robin' or 'least_request', not {fallback!r}")
+    policy = override_host.OverrideHost(
+        override_host_sources=[
+            override_host.OverrideHostOverrideHostSource(
+                metadata=metadata.MetadataKey(
+                    key=LB_NAMESPACE, path=[metadata.MetadataKeyPathSegment(key=DESTINATION_KEY)]
+                )
+            ),
+            override_host.OverrideHostOverrideHostSource(header=DESTINATION_KEY),
+        ],
+        fallback_policy=cluster.LoadBalancingPolicy(policies=[cluster.LoadBalancingPolicyPolicy(fallback_lb)]),
+    )
+    return cluster.LoadBalancingPolicy(
+        policies=[cluster.LoadBalancingPolicyPolicy(_typed("envoy.load_balancing_policies.override_host", policy))]
+    )
+
+
+def _pool_cluster(pool: Pool, fallback: Fallback) -> cluster.Cluster:
+    name = pool_cluster_name(pool)
+    common: dict[str, Any] = {
+        "name": name,
+        "connect_timeout": _seconds(1),
+        "typed_extension_protocol_options": _protocol_options(http2=False),
+        "load_balancing_policy": _override_host_policy(fallback),
+    }
+    if pool.endpoints.static is not None:
+        return cluster.Cluster(
+            type=cluster.ClusterDiscoveryType.STATIC,
+            load_assignment=_load_assignment(name, [_address(a) for a in pool.endpoints.static]),
+            **common,
+        )
+    dns = pool.endpoints.dns
+    assert dns is not None  # Config guarantees exactly one source
+    # Strict DNS semantics (every address is an endpoint) through the `envoy.clusters.dns` extension: the
+    # Cluster-level dns_refresh_rate that STRICT_DNS uses is deprecated in 1.40 and warns at every start.
+    discovery = dns_cluster.DnsCluster(
+        dns_refresh_rate=_seconds(dns.interval),
+        respect_dns_ttl=False,
+        # ALL: every A and AAAA record is a member, as the ext_proc's DNS discovery sees them.
+        dns_lookup_family=dns_common.DnsLookupFamily.ALL,
+        all_addresses_in_single_endpoint=False,
+    )
+    return cluster.Cluster(
+        cluster_type=cluster.ClusterCustomClusterType(name="envoy.clusters.dns", typed_config=AnyProto.pack(discovery)),
+        load_assignment=_load_assignment(
+            name, [core.Address(socket_address=core.SocketAddress(address=dns.name, port_value=dns.port))]
+        ),
+        **common,
+    )
+
+
+def _ext_proc_cluster(address: str) -> cluster.Cluster:
+    return cluster.Cluster(
+        name=EXT_PROC_CLUSTER,
+        type=cluster.ClusterDiscoveryType.STATIC,
+        connect_timeout=_seconds(0.25),
+        typed_extension_protocol_options=_protocol_options(http2=True),
+        load_assignment=_load_assignment(EXT_PROC_CLUSTER, [_address(address)]),
+    )
+
+
+_H = ext_proc_v3.ProcessingModeHeaderSendMode
+_B = ext_proc_v3.ProcessingModeBodySendMode
+_PROCESSING_MODE = ext_proc_v3.ProcessingMode(
+    request_header_mode=_H.SEND,
+    response_header_mode=_H.SKIP,
+    request_body_mode=_B.BUFFERED,
+    response_body_mode=_B.NONE,
+    request_trailer_mode=_H.SKIP,
+    response_trailer_mode=_H.SKIP,
+)
+
+
+def _ext_proc_filter(message_timeout_ms: int) -> hcm.HttpFilter:
+    config = ext_proc_v3.ExternalProcessor(
+        grpc_service=core.GrpcService(
+            envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=EXT_PROC_CLUSTER),
+            # Checked in 1.40: this is no deadline on the ext_proc stream (1 s cut neither a 2.5 s upload nor
+            # a 2.5 s response); message_timeout bounds each answer. Generous in case that ever changes.
+            timeout=_seconds(30),
+        ),
+        failure_mode_allow=True,  # ext_proc down -> the pools' fallback policy balances on its own
+        message_timeout=datetime.timedelta(milliseconds=message_timeout_ms),
+        processing_mode=_PROCESSING_MODE,
+        metadata_options=ext_proc_v3.MetadataOptions(
+            receiving_namespaces=ext_proc_v3.MetadataOptionsMetadataNamespaces(untyped=[LB_NAMESPACE])
+        ),
+        request_attributes=["xds.cluster_name", "xds.route_name"],
+    )
+    return hcm.HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyProto.pack(config))
+
+
+def _routes(config: Config, timeout: datetime.timedelta) -> list[route.Route]:
+    routes: list[route.Route] = []
+    # The header wins even on a /v1/<pool>/ path (it is matched first), so strip any pool prefix there too:
+    # a regex rewrite that does not match leaves the path alone.
+    any_pool_prefix = matcher.RegexMatchAndSubstitute(
+        pattern=matcher.RegexMatcher(regex="^/v1/(?:" + "|".join(p.name for p in config.pools) + ")/"),
+        substitution="/v1/",
+    )
+    for pool in config.pools:  # 1. the pool the ext_proc picked (header set + route cache cleared)
+        routes.append(
+            route.Route(
+                name=f"{pool.name}-by-header",
+                match=route.RouteMatch(
+                    prefix="/",
+                    headers=[
+                        route.HeaderMatcher(name=POOL_HEADER, string_match=matcher.StringMatcher(exact=pool.name))
+                    ],
+                ),
+                route=route.RouteAction(
+                    cluster=pool_cluster_name(pool), regex_rewrite=any_pool_prefix, timeout=timeout
+                ),
+            )
+        )
+    for pool in config.pools:  # 2. the pool in the path; the ext_proc learns it from the stream's metadata
+        per_route = ext_proc_v3.ExtProcPerRoute(
+            overrides=ext_proc_v3.ExtProcOverrides(
+                grpc_initial_metadata=[core.HeaderValue(key=POOL_METADATA, value=pool.name)]
+            )
+        )
+        routes.append(
+            route.Route(
+                name=f"{pool.name}-by-path",
+                match=route.RouteMatch(prefix=f"/v1/{pool.name}/"),
+                route=route.RouteAction(cluster=pool_cluster_name(pool), prefix_rewrite="/v1/", timeout=timeout),
+                typed_per_filter_config={EXT_PROC_FILTER: AnyProto.pack(per_route)},
+            )
+        )
+    routes.append(  # 3. before the ext_proc has decided, or while it is down
+        route.Route(
+            name="default",
+            match=route.RouteMatch(prefix="/"),
+            route=route.RouteAction(cluster=pool_cluster_name(config.pools[0]), timeout=timeout),
+        )
+    )
+    return routes
+
+
+def build_bootstrap_message(
+    config: Config,
+    *,
+    listen: str = "127.0.0.1:8080",
+    admin: str = "127.0.0.1:9901",
+    ext_proc: str | None = None,
+    message_timeout_ms: int = 200,
+    max_request_bytes: int | None = None,
+    fallback: Fallback = "round_robin",
+    route_timeout_s: float = 300.0,
+    access_log: bool = False,
+    node_id: str = "extproc-gateway",
+) -> bootstrap.Bootstrap:
+    """The typed bootstrap; see `build_bootstrap` for the arguments."""
+    if message_timeout_ms < 0:
+        raise ValueError("message_timeout_ms must be >= 0")
+    buffer_limit = config.limits.max_body_bytes if max_request_bytes is None else max_request_bytes
+    if not 0 < buffer_limit < 2**32:
+        raise ValueError("max_request_bytes must be between 1 and 2**32 - 1")
+    manager = hcm.HttpConnectionManager(
+        stat_prefix="gateway",
+        codec_type=hcm.HttpConnectionManagerCodecType.AUTO,
+        route_config=route.RouteConfiguration(
+            name="gateway",
+            # Tell the client where its request went: the upstream Envoy used and the ext_proc's pick.
+            response_headers_to_add=[
+                core.HeaderValueOption(header=core.HeaderValue(key=UPSTREAM_HOST_HEADER, value="%UPSTREAM_HOST%")),
+                core.HeaderValueOption(header=core.HeaderValue(key=PICKED_HEADER, value=f"%REQ({DESTINATION_KEY})%")),
+            ],
+            virtual_hosts=[
+                route.VirtualHost(name="gateway", domains=["*"], routes=_routes(config, _seconds(route_timeout_s)))
+            ],
+        ),
+        http_filters=[
+            _ext_proc_filter(message_timeout_ms),
+            hcm.HttpFilter(name="envoy.filters.http.router", typed_config=AnyProto.pack(router.Router())),
+        ],
+    )
+    if access_log:
+        manager.access_log = [
+            accesslog.AccessLog(
+                name="envoy.access_loggers.stdout", typed_config=AnyProto.pack(stream_log.StdoutAccessLog())
+            )
+        ]
+    gateway = listener.Listener(
+        name="gateway",
+        address=_address(listen),
+        # The ext_proc needs whole bodies (BUFFERED); Envoy buffers up to this and answers 413 above it.
+        per_connection_buffer_limit_bytes=buffer_limit,
+        filter_chains=[
+            listener.FilterChain(
+                filters=[
+                    listener.Filter(
+                        name="envoy.filters.network.http_connection_manager", typed_config=AnyProto.pack(manager)
+                    )
+                ]
+            )
+        ],
+    )
+    return bootstrap.Bootstrap(
+        node=core.Node(id=node_id, cluster=node_id),
+        admin=bootstrap.Admin(address=_address(admin)),
+        static_resources=bootstrap.BootstrapStaticResources(
+            listeners=[gateway],
+            clusters=[
+                _ext_proc_cluster(ext_proc or config.server.listen),
+                *(_pool_cluster(pool, fallback) for pool in config.pools),
+            ],
+        ),
+    )
+
+
+def build_bootstrap(
+    config: Config,
+    *,
+    listen: str = "127.0.0.1:8080",
+    admin: str = "127.0.0.1:9901",
+    ext_proc: str | None = None,
+    message_timeout_ms: int = 200,
+    max_request_bytes: int | None = None,
+    fallback: Fallback = "round_robin",
+    route_timeout_s: float = 300.0,
+    access_log: bool = False,
+    node_id: str = "extproc-gateway",
+) -> dict[str, Any]:
+    """Envoy's bootstrap as a plain dict (snake_case, ready for YAML/JSON).
+
+    ``ext_proc`` defaults to ``config.server.listen`` (``host:port`` or ``unix:/path``);
+    ``max_request_bytes`` (default ``config.limits.max_body_bytes``) is the largest request Envoy buffers
+    for the ext_proc; ``fallback`` is the pools' policy when the ext_proc names no member endpoint.
+    """
+    message = build_bootstrap_message(
+        config,
+        listen=listen,
+        admin=admin,
+        ext_proc=ext_proc,
+        message_timeout_ms=message_timeout_ms,
+        max_request_bytes=max_request_bytes,
+        fallback=fallback,
+        route_timeout_s=route_timeout_s,
+        access_log=access_log,
+        node_id=node_id,
+    )
+    return _explicit_defaults(message.to_dict(casing=_SNAKE))
+
+
+def _explicit_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """Restore the zero-valued enums ``to_dict`` drops, so a reader of the YAML sees every choice made."""
+    for item in data["static_resources"]["clusters"]:
+        if "cluster_type" not in item:
+            item.setdefault("type", "STATIC")
+    for item in data["static_resources"]["listeners"]:
+        for chain in item["filter_chains"]:
+            for net_filter in chain["filters"]:
+                for http_filter in net_filter["typed_config"].get("http_filters", []):
+                    if http_filter["name"] == EXT_PROC_FILTER:
+                        http_filter["typed_config"]["processing_mode"] = _PROCESSING_MODE.to_dict(
+                            casing=_SNAKE, include_default_values=True
+                        )
+    return data
+
+
+def render_bootstrap(config: Config, **kwargs: Any) -> str:
+    """The bootstrap as YAML; keyword arguments as for `build_bootstrap`."""
+    header = "# Generated by `extproc envoy-config` from the extproc configuration; edit that, not this.\n"
+    return header + yaml.safe_dump(build_bootstrap(config, **kwargs), sort_keys=False, width=120)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="extproc configuration file (YAML)")
+    p.add_argument("--listen", default="127.0.0.1:8080", help="host:port of the gateway listener")
+    p.add_argument("--admin", default="127.0.0.1:9901", help="host:port of Envoy's admin interface")
+    p.add_argument(
+        "--ext-proc", default=None, help="ext_proc address, host:port or unix:/path (default: server.listen)"
+    )
+    p.add_argument("--message-timeout-ms", type=int, default=200, help="ext_proc per-message timeout")
+    p.add_argument(
+        "--max-request-bytes", type=int, default=None, help="largest buffered request (default: limits.max_body_bytes)"
+    )
+    p.add_argument(
+        "--fallback", choices=["round_robin", "least_request"], default="round_robin", help="pool policy without a pick"
+    )
+    p.add_argument("--route-timeout", type=float, default=300.0, help="seconds an upstream response may take")
+    p.add_argument("--access-log", action="store_true", help="log every request to Envoy's stdout")
+    p.add_argument("-o", "--output", default="-", help="output file ('-' = stdout)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+        text = render_bootstrap(
+            config,
+            listen=args.listen,
+            admin=args.admin,
+            ext_proc=args.ext_proc,
+            message_timeout_ms=args.message_timeout_ms,
+            max_request_bytes=args.max_request_bytes,
+            fallback=args.fallback,
+            route_timeout_s=args.route_timeout,
+            access_log=args.access_log,
+        )
+    except (ConfigError, ValueError) as exc:
+        print(f"extproc envoy-config: error: {exc}", file=sys.stderr)
+        return 2
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``extproc envoy-config``."""
+    p = sub.add_parser(
+        "envoy-config",
+        help="write the Envoy bootstrap for an extproc configuration",
+        description="Write Envoy's bootstrap (listener, ext_proc filter, one override_host cluster per pool).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="extproc envoy-config", description="Write Envoy's bootstrap.")
+    _add_arguments(parser)
+    return _run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""`extproc serve`: the grpc.aio ExternalProcessor, health, metrics, discovery and scraping.
+
+The servicer is a thin adapter: it reads Envoy's messages, hands them to the EndpointPicker, and
+writes back exactly one response per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc import names, protocol
+from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from extproc.config import Config
+from extproc.discovery import Discovery
+from extproc.endpoints import EndpointTable
+from extproc.picker import EndpointPicker, StreamState
+from extproc.scheduling.scheduler import Scheduler
+from extproc.scrape import Scraper
+from extproc.telemetry import Telemetry
+
+log = logging.getLogger("extproc")
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+HEALTH_SERVICES = ("liveness", "readiness", SERVICE_NAME, "")
+
+
+class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
+    def __init__(self, picker: EndpointPicker) -> None:
+        self.picker = picker
+
+    async def Process(
+        self, request_iterator: AsyncIterator[protocol.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[protocol.ProcessingResponse]:
+        state = StreamState()
+        for key, value in context.invocation_metadata() or ():
+            if key == names.POOL_METADATA:
+                state.pool_hint = value if isinstance(value, str) else value.decode()
+        picker = self.picker
+        async for request in request_iterator:
+            kind = request.WhichOneof("request")
+            if kind == "request_body":
+                yield picker.on_request_body(request, state)
+            elif kind == "request_headers":
+                yield picker.on_request_headers(request, state)
+            elif kind is not None:
+                yield protocol.passthrough(kind)
+
+
+class App:
+    """Everything `extproc serve` runs, with an orderly start and stop."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.table = EndpointTable()
+        self.telemetry = Telemetry()
+        self.scheduler = Scheduler.from_config(config)
+        self.table.on_removed(self.scheduler.forget)
+        self.discovery = Discovery(config, self.table)
+        self.scraper = Scraper(config, self.table)
+        self.picker = EndpointPicker(config, self.table, self.scheduler, self.telemetry)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.bound_port: int | None = None
+
+    async def start(self) -> None:
+        await self.discovery.start()
+        await self.scraper.start()
+        # Whole request bodies arrive in one message: the gRPC limit must exceed the body limit.
+        max_message = self.config.limits.max_body_bytes + 64 * 1024
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_send_message_length", max_message),
+            ]
+        )
+        ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.picker), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        listen = self.config.server.listen
+        try:
+            self.bound_port = server.add_insecure_port(listen)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {listen}: {exc} (is the address in use?)") from None
+        await server.start()
+        self.server = server
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.telemetry.serve(self.config.server.metrics_listen)
+        # Everything allocated at start-up is long-lived: keep it out of the collector's full passes,
+        # which otherwise pause the request path for milliseconds.
+        gc.freeze()
+
+    async def stop(self) -> None:
+        """Graceful: report not-serving, stop accepting, let in-flight streams finish, then stop."""
+        for name in HEALTH_SERVICES:
+            if name != "liveness":
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server is not None:
+            await self.server.stop(self.config.server.grace_period)
+        await self.scraper.stop()
+        await self.discovery.stop()
+
+
+async def serve(config: Config) -> None:
+    app = App(config)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    pools = ", ".join(f"{p.name} ({', '.join(p.models)})" for p in config.pools)
+    print(
+        f"extproc serve: ext_proc on {config.server.listen}, metrics on http://{config.server.metrics_listen}/metrics, "
+        f"pools: {pools}",
+        flush=True,
+    )
+    try:
+        await stop.wait()
+    finally:
+        print("extproc serve: stopping (finishing in-flight requests)", flush=True)
+        await app.stop()
+
+
+def run(config: Config) -> int:
+    from prometheus_client import disable_created_metrics
+
+    disable_created_metrics()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    try:
+        runner(serve(config))
+    except OSError as exc:
+        print(f"extproc serve: error: {exc}", flush=True)
+        return 2
+    return 0

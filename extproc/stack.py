@@ -1,0 +1,169 @@
+"""A whole local gateway as child processes: simulated vLLM pools, the ext_proc, and Envoy.
+
+The demo, the benchmarks and the end-to-end tests all start the same stack from here, so what the
+tests prove is what the demo runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from extproc.config import Config, parse_config
+from extproc.envoy_bootstrap import build_bootstrap
+from extproc.envoy_run import start_envoy
+from extproc.procs import Child, extproc_argv, free_port, start_sim
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One model pool of simulated replicas."""
+
+    name: str
+    model: str
+    replicas: int = 2
+    sim_args: tuple[str, ...] = ()  # extra `extproc sim` options for every replica
+
+
+@dataclass
+class SimReplica:
+    child: Child
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def base(self) -> str:
+        return f"http://{self.address}"
+
+
+@dataclass
+class Stack:
+    log_dir: Path
+    config: Config
+    config_path: Path
+    gateway_port: int
+    admin_port: int
+    sims: dict[str, list[SimReplica]] = field(default_factory=dict)
+    extproc: Child | None = None
+    envoy: Child | None = None
+    extras: list[Child] = field(default_factory=list)
+
+    @property
+    def gateway(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.config.server.metrics_listen}/metrics"
+
+    def replica_by_address(self, address: str) -> SimReplica | None:
+        for replicas in self.sims.values():
+            for replica in replicas:
+                if replica.address == address:
+                    return replica
+        return None
+
+    def start_extproc(self) -> Child:
+        child = Child("extproc", extproc_argv("serve", "--config", str(self.config_path)), self.log_dir)
+        try:
+            child.wait_http(self.metrics_url)
+        except BaseException:
+            child.stop()
+            raise
+        self.extproc = child
+        return child
+
+    def stop(self) -> None:
+        """Stop everything this stack started, by PID, Envoy first so no request meets a dead upstream."""
+        children = [self.envoy, self.extproc, *self.extras]
+        children += [r.child for replicas in self.sims.values() for r in replicas]
+        for child in children:
+            if child is not None:
+                child.stop()
+
+
+def start_stack(
+    log_dir: Path,
+    pools: Sequence[PoolSpec],
+    *,
+    settings: dict[str, Any] | None = None,
+    with_extproc: bool = True,
+    gateway_port: int | None = None,
+    admin_port: int | None = None,
+    extproc_port: int | None = None,
+    metrics_port: int | None = None,
+    bootstrap_options: dict[str, Any] | None = None,
+) -> Stack:
+    """Start simulators for ``pools``, then the ext_proc (unless ``with_extproc`` is False), then Envoy.
+
+    ``settings`` are extra top-level config sections (scheduler, scrape, limits, prefix) merged over
+    the defaults. If anything fails to start, whatever did start is stopped before the error propagates.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stack: Stack | None = None
+    started: list[Child] = []
+    try:
+        sims: dict[str, list[SimReplica]] = {}
+        for spec in pools:
+            replicas = []
+            for i in range(spec.replicas):
+                port = free_port()
+                child = start_sim(f"sim-{spec.name}-{i}", spec.model, port, log_dir, *spec.sim_args)
+                started.append(child)
+                replicas.append(SimReplica(child, port))
+            sims[spec.name] = replicas
+        data: dict[str, Any] = {
+            "server": {
+                "listen": f"127.0.0.1:{extproc_port or free_port()}",
+                "metrics_listen": f"127.0.0.1:{metrics_port or free_port()}",
+                "grace_period": 2,
+            },
+            "pools": [
+                {
+                    "name": spec.name,
+                    "models": [spec.model],
+                    "endpoints": {"static": [r.address for r in sims[spec.name]]},
+                }
+                for spec in pools
+            ],
+        }
+        for key, value in (settings or {}).items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        config = parse_config(data)
+        config_path = log_dir / "config.yaml"
+        config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        stack = Stack(
+            log_dir=log_dir,
+            config=config,
+            config_path=config_path,
+            gateway_port=gateway_port or free_port(),
+            admin_port=admin_port or free_port(),
+            sims=sims,
+        )
+        if with_extproc:
+            stack.start_extproc()
+        bootstrap = build_bootstrap(
+            config,
+            listen=f"127.0.0.1:{stack.gateway_port}",
+            admin=f"127.0.0.1:{stack.admin_port}",
+            **(bootstrap_options or {}),
+        )
+        stack.envoy = start_envoy(bootstrap, log_dir, stack.admin_port)
+        return stack
+    except BaseException:
+        if stack is not None:
+            stack.stop()
+        else:
+            for child in started:
+                child.stop()
+        raise
