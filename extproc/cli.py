@@ -108,12 +108,30 @@ def _run_serve(args: argparse.Namespace) -> int:
     return run(config)
 
 
+def _add_envoy_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # Envoy's typed config classes take a second to import, so the real parser lives in
+    # extproc.envoy_bootstrap and is only loaded when this command runs.
+    p = sub.add_parser(
+        "envoy-config",
+        help="write the Envoy bootstrap for a configuration (see `extproc envoy-config --help`)",
+        add_help=False,
+    )
+    p.set_defaults(func=lambda _args: _envoy_config([]))
+
+
+def _envoy_config(argv: Sequence[str]) -> int:
+    from extproc.envoy_bootstrap import main as envoy_config_main
+
+    return envoy_config_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extproc", description="Envoy ext_proc endpoint picker for vLLM, and its vLLM simulator."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
+    _add_envoy_config(sub)
     _add_sim(sub)
     from extproc.bench.cli import add_bench
 
@@ -122,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["envoy-config"]:
+        return _envoy_config(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

@@ -18,6 +18,8 @@ from extproc.scheduling import Decision, RoutingRequest
 from extproc.scheduling.scheduler import Scheduler
 from extproc.telemetry import Telemetry
 
+_WANTED_HEADERS = frozenset((":path", ":method"))
+
 
 @dataclass(slots=True)
 class StreamState:
@@ -47,7 +49,7 @@ class EndpointPicker:
     def on_request_headers(
         self, request: protocol.ProcessingRequest, state: StreamState
     ) -> protocol.ProcessingResponse:
-        headers = protocol.header_map(request.request_headers.headers)
+        headers = protocol.header_values(request.request_headers.headers, _WANTED_HEADERS)
         state.path = headers.get(":path", "")
         state.method = headers.get(":method", "")
         state.attributes = protocol.attributes(request)
@@ -130,16 +132,16 @@ class EndpointPicker:
         )
         decision: Decision = self.scheduler.schedule(routing, self.table.pool_endpoints(pool.name), time.monotonic())
         telemetry = self.telemetry
-        telemetry.decision_seconds.labels(pool.name).observe(time.perf_counter() - start)
+        telemetry.decided(pool.name, time.perf_counter() - start)
         if not decision.routed:
             kind_name = "rate_limited" if decision.status == 429 else "unavailable"
             return self._refuse(state, model, RequestError(decision.status, decision.reason, kind_name), pool.name)
-        telemetry.requests.labels(pool.name, model or "", "fallback" if decision.fail_open else "picked").inc()
-        telemetry.picks.labels(pool.name, decision.endpoints[0]).inc()
+        telemetry.routed(pool.name, model or "", decision.endpoints[0], decision.fail_open)
         return protocol.route(kind, decision.endpoints, pool_header)
 
     def _refuse(
         self, state: StreamState, model: str | None, error: RequestError, pool: str = ""
     ) -> protocol.ProcessingResponse:
-        self.telemetry.requests.labels(pool, model or "", str(error.status)).inc()
+        # Only served model names become label values: a client's invented names must not grow the series.
+        self.telemetry.refused(pool, model if model in self._pool_by_model else "", error.status)
         return protocol.immediate(error.status, error.body(), f"extproc_{error.status}")

@@ -6,6 +6,8 @@ response without it (even one carrying only dynamic metadata) as spurious and fa
 
 from __future__ import annotations
 
+import functools
+
 from google.protobuf.struct_pb2 import Struct
 
 from extproc._proto.envoy.config.core.v3 import base_pb2
@@ -58,7 +60,17 @@ def route(
 
     ``pool_header`` (model-based routing) also sets the pool header and clears the route cache so
     Envoy re-routes to that pool's cluster. ``body`` replaces the request body (BUFFERED mode).
+    Without a body the answer depends only on the arguments, and a pool has few distinct
+    pick-and-fallback orders, so those answers are built once and reused (never modify them).
     """
+    if body is None:
+        return _cached_route(kind, endpoints, pool_header)
+    return _build_route(kind, endpoints, pool_header, body)
+
+
+def _build_route(
+    kind: str, endpoints: tuple[str, ...], pool_header: str | None, body: bytes | None
+) -> ProcessingResponse:
     value = ",".join(endpoints)
     headers = {DESTINATION_HEADER: value}
     if pool_header is not None:
@@ -75,6 +87,11 @@ def route(
     metadata.get_or_create_struct(DESTINATION_NAMESPACE)[DESTINATION_HEADER] = value
     response.dynamic_metadata.CopyFrom(metadata)
     return response
+
+
+_cached_route = functools.lru_cache(maxsize=4096)(
+    lambda kind, endpoints, pool_header: _build_route(kind, endpoints, pool_header, None)
+)
 
 
 def immediate(status: int, body: bytes, details: str) -> ProcessingResponse:
@@ -98,11 +115,12 @@ _STATUS_NAMES = {
 }
 
 
-def header_map(headers: base_pb2.HeaderMap) -> dict[str, str]:
-    """Envoy sends header values in ``raw_value`` (bytes); ``value`` is usually empty."""
+def header_values(headers: base_pb2.HeaderMap, wanted: frozenset[str]) -> dict[str, str]:
+    """The ``wanted`` headers; Envoy sends values in ``raw_value`` (bytes), ``value`` is usually empty."""
     out: dict[str, str] = {}
     for h in headers.headers:
-        out[h.key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+        if h.key in wanted:
+            out[h.key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
     return out
 
 

@@ -42,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--rate", type=float, default=200.0, help="open-loop requests per second")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of open-loop load per gateway")
+    p.add_argument("--duration", type=float, default=15.0, help="seconds of open-loop load per gateway")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds the open-loop time is split into")
     p.add_argument("--throughput-duration", type=float, default=8.0, help="seconds of closed-loop load")
     p.add_argument("--connections", type=int, default=32, help="closed-loop connections")
     p.add_argument("--replicas", type=int, default=4, help="simulated endpoints in the pool")
@@ -155,12 +156,24 @@ def run(args: argparse.Namespace) -> int:
             extra_envoys.append(start_envoy(bootstrap, log_dir, admin, name=f"envoy-{name}"))
             gateways[name] = f"http://127.0.0.1:{port}"
         path = "/v1/chat/completions"
-        print(f"open loop: {args.rate:g} req/s for {args.duration:g}s per gateway, {len(bodies[0])}-byte bodies")
+        rounds = max(1, args.rounds)
+        print(
+            f"open loop: {args.rate:g} req/s, {rounds} interleaved rounds of {args.duration / rounds:g}s per gateway, "
+            f"{len(bodies[0])}-byte bodies"
+        )
         print(f"{'gateway':<10}{'ok':>7}{'failed':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}")
-        latency: dict[str, dict[str, float]] = {}
         for name in ("direct", "noop", "extproc"):
             asyncio.run(open_loop(gateways[name] + path, bodies, args.rate, 1.0))  # warm-up
-            outcome = asyncio.run(open_loop(gateways[name] + path, bodies, args.rate, args.duration))
+        outcomes = {name: LoadResult() for name in ("direct", "noop", "extproc")}
+        for _ in range(rounds):
+            # Interleaving the gateways spreads any drift of the machine over all three alike.
+            for name, total in outcomes.items():
+                part = asyncio.run(open_loop(gateways[name] + path, bodies, args.rate, args.duration / rounds))
+                total.ok += part.ok
+                total.failed += part.failed
+                total.latencies += part.latencies
+        latency: dict[str, dict[str, float]] = {}
+        for name, outcome in outcomes.items():
             row = {
                 "ok": outcome.ok,
                 "failed": outcome.failed,
