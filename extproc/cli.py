@@ -94,9 +94,11 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _run_serve(args: argparse.Namespace) -> int:
     from extproc.config import ConfigError, load_config
+    from extproc.scheduling.scheduler import Scheduler
 
     try:
         config = load_config(args.config)
+        Scheduler.from_config(config)  # unknown plugins and bad plugin params fail here, not on a request
     except ConfigError as exc:
         print(f"extproc serve: {exc}", file=sys.stderr)
         return 2
@@ -130,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="extproc", description="Envoy ext_proc endpoint picker for vLLM, and its vLLM simulator."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from extproc import up
+
+    up.add_parser(sub)
     _add_serve(sub)
     _add_envoy_config(sub)
     _add_sim(sub)

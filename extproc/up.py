@@ -1,0 +1,134 @@
+"""`extproc up`: the local gateway on a laptop, no GPU: simulated 1B and 3B pools, the picker, Envoy.
+
+It runs until Ctrl-C (or ``--duration``), then stops every process it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from extproc.stack import PoolSpec, Stack
+
+DEFAULT_POOLS = (
+    PoolSpec("1b", "llama-3-2-1b", 2, ("--preset", "llama-3.2-1b")),
+    PoolSpec("3b", "llama-3-2-3b", 2, ("--preset", "llama-3.2-3b")),
+)
+
+
+class PortTaken(RuntimeError):
+    pass
+
+
+def check_ports_free(ports: dict[str, int], host: str = "127.0.0.1") -> None:
+    """Fail before starting anything if a fixed port is in use, naming the option that moves it."""
+    for option, port in ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is fine
+            try:
+                s.bind((host, port))
+            except OSError:
+                raise PortTaken(f"port {port} on {host} is already in use: choose another with {option}") from None
+
+
+def add_port_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, default=8080, help="the gateway (Envoy) port")
+    p.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port (/stats/prometheus)")
+    p.add_argument("--extproc-port", type=int, default=9002, help="the ext_proc gRPC port")
+    p.add_argument("--metrics-port", type=int, default=9090, help="the picker's Prometheus port")
+    p.add_argument("--log-dir", type=Path, help="where process logs go (default: a new temporary folder)")
+
+
+def start_gateway(args: argparse.Namespace, pools: tuple[PoolSpec, ...] = DEFAULT_POOLS) -> Stack:
+    from extproc.stack import start_stack
+
+    check_ports_free(
+        {
+            "--port": args.port,
+            "--admin-port": args.admin_port,
+            "--extproc-port": args.extproc_port,
+            "--metrics-port": args.metrics_port,
+        }
+    )
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="extproc-"))
+    replicas = sum(p.replicas for p in pools)
+    print(f"starting {replicas} simulated vLLM replicas, the ext_proc and Envoy (logs in {log_dir}) ...", flush=True)
+    return start_stack(
+        log_dir,
+        pools,
+        gateway_port=args.port,
+        admin_port=args.admin_port,
+        extproc_port=args.extproc_port,
+        metrics_port=args.metrics_port,
+    )
+
+
+def describe(stack: Stack) -> str:
+    lines = [f"gateway: {stack.gateway}"]
+    for name, replicas in stack.sims.items():
+        pool = stack.config.pool(name)
+        models = ", ".join(pool.models) if pool else "?"
+        lines.append(f"  pool {name} ({models}): {', '.join(r.address for r in replicas)}")
+    lines += [
+        f"picker metrics: {stack.metrics_url}",
+        f"Envoy stats:    http://127.0.0.1:{stack.admin_port}/stats/prometheus",
+        "try:",
+        f"  curl -s {stack.gateway}/v1/1b/chat/completions -H 'Content-Type: application/json' \\",
+        """    -d '{"model": "llama-3-2-1b", "messages": [{"role": "user", "content": "Hello from 1B model!"}]}'""",
+        f"  curl -s {stack.gateway}/v1/chat/completions -H 'Content-Type: application/json' \\",
+        """    -d '{"model": "llama-3-2-3b", "messages": [{"role": "user", "content": "Hello from 3B model!"}]}'""",
+    ]
+    return "\n".join(lines)
+
+
+def wait_until_stopped(duration: float | None) -> None:
+    """Sleep until Ctrl-C, SIGTERM or the end of ``duration``."""
+    stop = False
+
+    def handler(_sig: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    deadline = None if duration is None else time.monotonic() + duration
+    try:
+        while not stop and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "up",
+        help="run the local gateway: simulated 1B and 3B pools, the picker and Envoy, until Ctrl-C",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_port_arguments(p)
+    p.add_argument("--duration", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        stack = start_gateway(args)
+    except PortTaken as exc:
+        print(f"extproc up: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        print(describe(stack), flush=True)
+        print("running; Ctrl-C stops everything", flush=True)
+        wait_until_stopped(args.duration)
+    finally:
+        print("stopping ...", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            stack.stop()
+    return 0

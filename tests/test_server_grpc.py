@@ -1,0 +1,174 @@
+"""`extproc serve` spoken to directly over gRPC, as Envoy would: every message type and every pool source."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import orjson
+import pytest
+import yaml
+from google.protobuf.struct_pb2 import Struct
+
+from extproc import names
+from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from extproc.procs import Child, extproc_argv, free_port
+
+POOL_A = ["127.0.0.1:1", "127.0.0.1:2"]  # nothing listens: scrapes fail, and health fails open
+POOL_B = ["127.0.0.1:3", "127.0.0.1:4"]
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ep_grpc.ExternalProcessorStub]:
+    tmp: Path = tmp_path_factory.mktemp("grpc")
+    listen, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    config = {
+        "server": {"listen": listen, "metrics_listen": metrics},
+        "pools": [
+            {"name": "a", "models": ["model-a"], "endpoints": {"static": POOL_A}},
+            {"name": "b", "models": ["model-b", "model-b-alias"], "endpoints": {"static": POOL_B}},
+        ],
+        "limits": {"max_body_bytes": 6 * 1024 * 1024},
+    }
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    child = Child("extproc", extproc_argv("serve", "--config", str(path)), tmp)
+    try:
+        child.wait_http(f"http://{metrics}/metrics")
+        with grpc.insecure_channel(listen) as channel:
+            yield ep_grpc.ExternalProcessorStub(channel)
+    finally:
+        child.stop()
+
+
+def headers(path: str = "/v1/chat/completions", method: str = "POST", end: bool = False, **kw) -> ep.ProcessingRequest:
+    request = ep.ProcessingRequest(**kw)
+    for key, value in ((":path", path), (":method", method), ("content-type", "application/json")):
+        h = request.request_headers.headers.headers.add()
+        h.key, h.raw_value = key, value.encode()
+    request.request_headers.end_of_stream = end
+    return request
+
+
+def body(payload: dict | bytes) -> ep.ProcessingRequest:
+    raw = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    return ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True))
+
+
+def chat(model: str = "model-a") -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hello"}]}
+
+
+def exchange(stub, messages, metadata=()) -> list[ep.ProcessingResponse]:
+    return list(stub.Process(iter(messages), metadata=metadata, timeout=10))
+
+
+def pick_of(response: ep.ProcessingResponse) -> tuple[list[str], dict[str, str], bool]:
+    common = getattr(response, response.WhichOneof("response")).response
+    set_headers = {o.header.key: o.header.raw_value.decode() for o in common.header_mutation.set_headers}
+    metadata = response.dynamic_metadata.fields[names.LB_NAMESPACE].struct_value.fields
+    value = metadata[names.DESTINATION_KEY].string_value
+    assert value == set_headers[names.DESTINATION_KEY]  # header and metadata agree
+    return value.split(","), set_headers, common.clear_route_cache
+
+
+def test_every_message_type_gets_its_own_answer(stub) -> None:
+    messages = [
+        headers(),
+        body(chat()),
+        ep.ProcessingRequest(request_trailers=ep.HttpTrailers()),
+        ep.ProcessingRequest(response_headers=ep.HttpHeaders()),
+        ep.ProcessingRequest(response_body=ep.HttpBody(body=b"{}", end_of_stream=True)),
+        ep.ProcessingRequest(response_trailers=ep.HttpTrailers()),
+    ]
+    kinds = [r.WhichOneof("response") for r in exchange(stub, messages)]
+    assert kinds == [
+        "request_headers",
+        "request_body",
+        "request_trailers",
+        "response_headers",
+        "response_body",
+        "response_trailers",
+    ]
+
+
+def test_model_routing_sets_the_pool_header_and_clears_the_route_cache(stub) -> None:
+    default_route = Struct()
+    default_route.update({names.CLUSTER_ATTRIBUTE: "pool-a", names.ROUTE_ATTRIBUTE: names.DEFAULT_ROUTE})
+    first, second = exchange(
+        stub, [headers(attributes={"envoy.filters.http.ext_proc": default_route}), body(chat("model-b-alias"))]
+    )
+    assert first.WhichOneof("response") == "request_headers"
+    assert not first.HasField("dynamic_metadata")  # the pick waits for the body
+    endpoints, set_headers, cleared = pick_of(second)
+    assert endpoints[0] in POOL_B and set(endpoints) == set(POOL_B)
+    assert set_headers[names.POOL_HEADER] == "b" and cleared
+
+
+def test_the_pool_envoy_chose_wins_and_keeps_the_route(stub) -> None:
+    _, second = exchange(stub, [headers(), body(chat("model-b"))], metadata=[(names.POOL_METADATA, "a")])
+    endpoints, set_headers, cleared = pick_of(second)
+    assert set(endpoints) == set(POOL_A)
+    assert names.POOL_HEADER not in set_headers and not cleared
+    path_route = Struct()
+    path_route.update({names.CLUSTER_ATTRIBUTE: "pool-b", names.ROUTE_ATTRIBUTE: "b-by-path"})
+    _, second = exchange(stub, [headers(attributes={"envoy.filters.http.ext_proc": path_route}), body(chat())])
+    assert set(pick_of(second)[0]) == set(POOL_B)
+
+
+def test_unknown_pool_from_the_route_is_503(stub) -> None:
+    _, second = exchange(stub, [headers(), body(chat())], metadata=[(names.POOL_METADATA, "zzz")])
+    assert second.immediate_response.status.code == 503
+
+
+def test_subset_hint_restricts_the_pick(stub) -> None:
+    metadata = ep.ProcessingRequest().metadata_context
+    hint = Struct()
+    hint.update({names.SUBSET_KEY: [POOL_B[1]]})
+    metadata.filter_metadata[names.SUBSET_NAMESPACE].CopyFrom(hint)
+    _, second = exchange(stub, [headers(metadata_context=metadata), body(chat("model-b"))])
+    assert pick_of(second)[0] == [POOL_B[1]]
+    hint.update({names.SUBSET_KEY: ["10.9.9.9:80"]})
+    metadata.filter_metadata[names.SUBSET_NAMESPACE].CopyFrom(hint)
+    _, second = exchange(stub, [headers(metadata_context=metadata), body(chat("model-b"))])
+    assert second.immediate_response.status.code == 503
+    assert orjson.loads(second.immediate_response.body)["error"]["code"] == 503
+
+
+def test_a_request_without_body_is_picked_on_its_headers(stub) -> None:
+    (only,) = exchange(stub, [headers("/v1/models", "GET", end=True)])
+    assert only.WhichOneof("response") == "request_headers"
+    assert pick_of(only)[0][0] in POOL_A
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        (b"{not json", 400),
+        (b'"a string"', 400),
+        (orjson.dumps({"model": "model-a", "messages": []}), 400),
+        (orjson.dumps({"model": "model-a", "messages": "hi"}), 400),
+        (orjson.dumps({"model": "model-a", "messages": [{"role": "user", "content": "x"}], "stream": "no"}), 400),
+        (orjson.dumps(chat("no-such-model")), 404),
+        (b"\xff\xfe\x00", 400),
+    ],
+)
+def test_bad_bodies_get_immediate_json_errors(stub, payload: bytes, status: int) -> None:
+    _, second = exchange(stub, [headers(), body(payload)])
+    immediate = second.immediate_response
+    assert immediate.status.code == status
+    error = orjson.loads(immediate.body)["error"]
+    assert error["code"] == status and error["message"]
+    content_type = {o.header.key: o.header.raw_value for o in immediate.headers.set_headers}["content-type"]
+    assert content_type == b"application/json"
+
+
+def test_large_bodies_fit_through_grpc(stub) -> None:
+    big = {"model": "model-a", "messages": [{"role": "user", "content": "x" * (5 * 1024 * 1024)}]}
+    _, second = exchange(stub, [headers(), body(big)])
+    assert second.WhichOneof("response") == "request_body"
+    too_big = {"model": "model-a", "messages": [{"role": "user", "content": "x" * (6 * 1024 * 1024)}]}
+    _, second = exchange(stub, [headers(), body(too_big)])
+    assert second.immediate_response.status.code == 413
