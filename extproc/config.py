@@ -140,6 +140,17 @@ class Prefix(_Strict):
 class Limits(_Strict):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0, description="larger bodies get 413")
 
+    @property
+    def envoy_buffer_bytes(self) -> int:
+        """How much Envoy buffers for the ext_proc: twice the limit, so the picker's JSON 413 answers
+        most oversized bodies; above this Envoy answers its own plain-text 413."""
+        return 2 * self.max_body_bytes
+
+    @property
+    def grpc_message_bytes(self) -> int:
+        """The ext_proc's gRPC message limit: a whole buffered body plus the rest of the message."""
+        return self.envoy_buffer_bytes + 64 * 1024
+
 
 class Server(_Strict):
     listen: str = Field(default="127.0.0.1:9002", description="host:port, or unix:/path for a socket")

@@ -281,7 +281,7 @@ def build_bootstrap_message(
     """The typed bootstrap; see `build_bootstrap` for the arguments."""
     if message_timeout_ms < 0:
         raise ValueError("message_timeout_ms must be >= 0")
-    buffer_limit = config.limits.max_body_bytes if max_request_bytes is None else max_request_bytes
+    buffer_limit = config.limits.envoy_buffer_bytes if max_request_bytes is None else max_request_bytes
     if not 0 < buffer_limit < 2**32:
         raise ValueError("max_request_bytes must be between 1 and 2**32 - 1")
     manager = hcm.HttpConnectionManager(
@@ -353,7 +353,7 @@ def build_bootstrap(
     """Envoy's bootstrap as a plain dict (snake_case, ready for YAML/JSON).
 
     ``ext_proc`` defaults to ``config.server.listen`` (``host:port`` or ``unix:/path``);
-    ``max_request_bytes`` (default ``config.limits.max_body_bytes``) is the largest request Envoy buffers
+    ``max_request_bytes`` (default ``config.limits.envoy_buffer_bytes``) is the largest request Envoy buffers
     for the ext_proc; ``fallback`` is the pools' policy when the ext_proc names no member endpoint.
     """
     message = build_bootstrap_message(

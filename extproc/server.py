@@ -73,7 +73,7 @@ class App:
         await self.discovery.start()
         await self.scraper.start()
         # Whole request bodies arrive in one message: the gRPC limit must exceed the body limit.
-        max_message = self.config.limits.max_body_bytes + 64 * 1024
+        max_message = self.config.limits.grpc_message_bytes
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 0),
