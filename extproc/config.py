@@ -92,6 +92,27 @@ class Pool(_Strict):
         return self.served_model_name or self.models[0]
 
 
+class SplitBackend(_Strict):
+    pool: str
+    weight: int = Field(ge=0, le=10000)
+
+
+class Split(_Strict):
+    """A weighted split between pools on its own path, ``/v1/<name>/...`` (Envoy's weighted_clusters).
+
+    Envoy draws the pool; the picker then picks an endpoint inside that pool and, if the body asks for
+    another model (or ``auto``), rewrites the body's ``model`` to the drawn pool's served name.
+    """
+
+    name: str = Field(min_length=1, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    backends: list[SplitBackend] = Field(min_length=2)
+    sticky_header: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9-]+$",
+        description="requests with the same value of this header (e.g. x-user-id) always get the same pool",
+    )
+
+
 class Scrape(_Strict):
     interval: float = Field(default=0.05, gt=0, description="seconds between scrapes of one endpoint")
     timeout: float = Field(default=1.0, gt=0, description="seconds before a scrape counts as failed")
@@ -156,6 +177,13 @@ class Server(_Strict):
     listen: str = Field(default="127.0.0.1:9002", description="host:port, or unix:/path for a socket")
     metrics_listen: str = Field(default="127.0.0.1:9090", description="host:port of the Prometheus endpoint")
     grace_period: float = Field(default=10.0, ge=0, description="seconds in-flight streams get on SIGTERM")
+    reload_interval: float = Field(
+        default=1.0, ge=0, description="seconds between checks of the config file for new pool endpoints (0 = off)"
+    )
+    eds_dir: str | None = Field(
+        default=None,
+        description="write each pool's endpoints here as Envoy EDS files, so Envoy follows membership changes",
+    )
 
     @field_validator("listen")
     @classmethod
@@ -177,6 +205,7 @@ class Server(_Strict):
 class Config(_Strict):
     server: Server = Server()
     pools: Annotated[list[Pool], Field(min_length=1)]
+    splits: list[Split] = Field(default_factory=list)
     scrape: Scrape = Scrape()
     scheduler: Scheduler = Scheduler()
     prefix: Prefix = Prefix()
@@ -188,6 +217,17 @@ class Config(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"pool names must be unique; repeated: {', '.join(sorted(dup))}")
+        for split in self.splits:
+            if split.name in names:
+                raise ValueError(f"split {split.name!r} has the name of a pool; paths /v1/<name>/ must be unique")
+            for backend in split.backends:
+                if backend.pool not in names:
+                    raise ValueError(
+                        f"split {split.name!r} names pool {backend.pool!r}, which is not defined; "
+                        f"known pools: {', '.join(names)}"
+                    )
+            if not any(b.weight for b in split.backends):
+                raise ValueError(f"split {split.name!r}: at least one backend needs a weight above 0")
         seen: dict[str, str] = {}
         for pool in self.pools:
             for model in pool.models:
