@@ -105,9 +105,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.check:
         print(f"{args.config}: valid ({len(config.pools)} pools)")
         return 0
+    from pathlib import Path
+
     from extproc.server import run
 
-    return run(config)
+    return run(config, Path(args.config))
 
 
 def _add_envoy_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

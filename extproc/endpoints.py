@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 AddedListener = Callable[[str, str], None]  # (pool, address)
 RemovedListener = Callable[[str], None]  # (address)
+ChangedListener = Callable[[str, tuple[str, ...]], None]  # (pool, its addresses now)
 
 
 class EndpointTable:
@@ -35,6 +36,7 @@ class EndpointTable:
         self._by_address: dict[str, tuple[EndpointState, ...]] = {}
         self._added: list[AddedListener] = []
         self._removed: list[RemovedListener] = []
+        self._changed: list[ChangedListener] = []
 
     # ----- reads (request path) ---------------------------------------------------------------
 
@@ -100,6 +102,9 @@ class EndpointTable:
         for address in added:
             for added_cb in tuple(self._added):
                 self._notify(added_cb, pool, address)
+        now = tuple(members)
+        for changed_cb in tuple(self._changed):
+            self._notify(changed_cb, pool, now)
         return added, removed
 
     # ----- listeners --------------------------------------------------------------------------
@@ -114,13 +119,18 @@ class EndpointTable:
         self._removed.append(callback)
         return lambda: self._discard(self._removed, callback)
 
+    def on_changed(self, callback: ChangedListener) -> Callable[[], None]:
+        """Call ``callback(pool, addresses)`` after a pool's membership changed; returns an unsubscribe function."""
+        self._changed.append(callback)
+        return lambda: self._discard(self._changed, callback)
+
     @staticmethod
     def _discard(listeners: list[Any], callback: Any) -> None:
         if callback in listeners:
             listeners.remove(callback)
 
     @staticmethod
-    def _notify(callback: Callable[..., None], *args: str) -> None:
+    def _notify(callback: Callable[..., None], *args: Any) -> None:
         # A broken listener must not stop membership updates or the other listeners.
         try:
             callback(*args)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import orjson
+
 from extproc import names, protocol
 from extproc.config import Config, Pool
 from extproc.endpoints import EndpointTable
@@ -19,6 +21,8 @@ from extproc.scheduling.scheduler import Scheduler
 from extproc.telemetry import Telemetry
 
 _WANTED_HEADERS = frozenset((":path", ":method"))
+AUTO_MODEL = "auto"  # "any model": the pool is left to the route (e.g. the A/B split)
+MODELS_PATH = "/v1/models"
 
 
 @dataclass(slots=True)
@@ -43,6 +47,16 @@ class EndpointPicker:
         self._max_body = config.limits.max_body_bytes
         self._block_chars = config.prefix.block_chars
         self._max_blocks = config.prefix.max_prompt_blocks
+        created = int(time.time())
+        listing = {
+            "object": "list",
+            "data": [
+                {"id": model, "object": "model", "created": created, "owned_by": f"pool {pool.name}"}
+                for pool in config.pools
+                for model in pool.models
+            ],
+        }
+        self._models_response = protocol.immediate(200, orjson.dumps(listing), "extproc_models")
 
     # ----- messages -------------------------------------------------------------------------
 
@@ -56,6 +70,8 @@ class EndpointPicker:
         state.subset = protocol.subset_hint(request)
         if not request.request_headers.end_of_stream:
             return protocol.passthrough("request_headers")  # the body carries the prompt: pick then
+        if state.path.split("?", 1)[0] == MODELS_PATH and state.pool_hint is None and state.method == "GET":
+            return self._models_response  # the gateway's own list: every model behind it
         # No body (GET and the like): route by load alone.
         return self._decide("request_headers", state, None)
 
@@ -104,6 +120,8 @@ class EndpointPicker:
             pool = self._pool_from_envoy(state)
             if pool is None and state.pool_hint is not None:
                 raise RequestError(503, f"the route names an unknown pool {state.pool_hint!r}", "unavailable")
+        if model == AUTO_MODEL:
+            model = None
         if model is not None and model not in self._pool_by_model:
             known = ", ".join(sorted(self._pool_by_model))
             raise RequestError(404, f"model {model!r} is not served here; known: {known}", "not_found", "model")
@@ -136,8 +154,14 @@ class EndpointPicker:
         if not decision.routed:
             kind_name = "rate_limited" if decision.status == 429 else "unavailable"
             return self._refuse(state, model, RequestError(decision.status, decision.reason, kind_name), pool.name)
+        body: bytes | None = None
+        if parsed is not None and model is not None and model not in pool.models:
+            # "auto", or another pool's model on a route that drew this pool (the A/B split): ask the
+            # drawn pool's vLLM for the model it serves.
+            parsed.body["model"] = model = pool.served_name
+            body = orjson.dumps(parsed.body)
         telemetry.routed(pool.name, model or "", decision.endpoints[0], decision.fail_open)
-        return protocol.route(kind, decision.endpoints, pool_header)
+        return protocol.route(kind, decision.endpoints, pool_header, body)
 
     def _refuse(
         self, state: StreamState, model: str | None, error: RequestError, pool: str = ""

@@ -106,6 +106,7 @@ def immediate(status: int, body: bytes, details: str) -> ProcessingResponse:
 
 
 _STATUS_NAMES = {
+    200: "OK",
     400: "BadRequest",
     404: "NotFound",
     413: "PayloadTooLarge",

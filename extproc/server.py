@@ -11,14 +11,16 @@ import gc
 import logging
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc import names, protocol
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-from extproc.config import Config
+from extproc.config import Config, ConfigError, load_config
 from extproc.discovery import Discovery
+from extproc.eds import write_eds
 from extproc.endpoints import EndpointTable
 from extproc.picker import EndpointPicker, StreamState
 from extproc.scheduling.scheduler import Scheduler
@@ -56,8 +58,11 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
 class App:
     """Everything `extproc serve` runs, with an orderly start and stop."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
+        self._config_mtime = config_path.stat().st_mtime_ns if config_path else 0
+        self._reload_task: asyncio.Task[None] | None = None
         self.table = EndpointTable()
         self.telemetry = Telemetry()
         self.scheduler = Scheduler.from_config(config)
@@ -68,6 +73,9 @@ class App:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.bound_port: int | None = None
+        if config.server.eds_dir is not None:
+            eds_dir = config.server.eds_dir
+            self.table.on_changed(lambda pool, addresses: write_eds(eds_dir, pool, addresses))
 
     async def start(self) -> None:
         await self.discovery.start()
@@ -93,12 +101,59 @@ class App:
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.telemetry.serve(self.config.server.metrics_listen)
+        if self.config_path is not None and self.config.server.reload_interval > 0:
+            self._reload_task = asyncio.create_task(self._watch_config())
         # Everything allocated at start-up is long-lived: keep it out of the collector's full passes,
         # which otherwise pause the request path for milliseconds.
         gc.freeze()
 
+    def reload(self) -> bool:
+        """Re-read the config file and apply new static endpoint lists; returns whether anything changed.
+
+        Pool membership is what scaling changes, and it is applied live (the prefix index forgets
+        removed endpoints, the scraper starts on new ones, EDS files follow). Any other change is logged
+        and waits for a restart; an invalid file is logged and ignored.
+        """
+        assert self.config_path is not None
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("config reload: keeping the running configuration: %s", exc)
+            return False
+        changed = False
+        old_pools = {p.name: p for p in self.config.pools}
+        for pool in new.pools:
+            old = old_pools.get(pool.name)
+            if old is None or pool.model_copy(update={"endpoints": old.endpoints}) != old:
+                log.warning("config reload: pool %s changed beyond its endpoints; restart to apply", pool.name)
+                continue
+            if pool.endpoints.static is not None and old.endpoints.static is not None:
+                added, removed = self.table.replace_pool(pool.name, pool.endpoints.static)
+                if added or removed:
+                    changed = True
+                    log.info("config reload: pool %s +%s -%s", pool.name, added, removed)
+            elif pool.endpoints != old.endpoints:
+                log.warning("config reload: pool %s changed its endpoint source; restart to apply", pool.name)
+        if {p.name for p in new.pools} != set(old_pools):
+            log.warning("config reload: pools were added or removed; restart to apply")
+        return changed
+
+    async def _watch_config(self) -> None:
+        assert self.config_path is not None
+        while True:
+            await asyncio.sleep(self.config.server.reload_interval)
+            try:
+                mtime = self.config_path.stat().st_mtime_ns
+            except OSError:
+                continue
+            if mtime != self._config_mtime:
+                self._config_mtime = mtime
+                self.reload()
+
     async def stop(self) -> None:
         """Graceful: report not-serving, stop accepting, let in-flight streams finish, then stop."""
+        if self._reload_task is not None:
+            self._reload_task.cancel()
         for name in HEALTH_SERVICES:
             if name != "liveness":
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -108,13 +163,15 @@ class App:
         await self.discovery.stop()
 
 
-async def serve(config: Config) -> None:
-    app = App(config)
+async def serve(config: Config, config_path: Path | None = None) -> None:
+    app = App(config, config_path)
     await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if config_path is not None:
+        loop.add_signal_handler(signal.SIGHUP, app.reload)
     pools = ", ".join(f"{p.name} ({', '.join(p.models)})" for p in config.pools)
     print(
         f"extproc serve: ext_proc on {config.server.listen}, metrics on http://{config.server.metrics_listen}/metrics, "
@@ -128,7 +185,7 @@ async def serve(config: Config) -> None:
         await app.stop()
 
 
-def run(config: Config) -> int:
+def run(config: Config, config_path: Path | None = None) -> int:
     from prometheus_client import disable_created_metrics
 
     disable_created_metrics()
@@ -140,7 +197,7 @@ def run(config: Config) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         runner = asyncio.run
     try:
-        runner(serve(config))
+        runner(serve(config, config_path))
     except OSError as exc:
         print(f"extproc serve: error: {exc}", flush=True)
         return 2

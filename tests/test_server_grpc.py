@@ -138,7 +138,7 @@ def test_subset_hint_restricts_the_pick(stub) -> None:
 
 
 def test_a_request_without_body_is_picked_on_its_headers(stub) -> None:
-    (only,) = exchange(stub, [headers("/v1/models", "GET", end=True)])
+    (only,) = exchange(stub, [headers("/v1/models/model-a", "GET", end=True)])
     assert only.WhichOneof("response") == "request_headers"
     assert pick_of(only)[0][0] in POOL_A
 
@@ -172,3 +172,44 @@ def test_large_bodies_fit_through_grpc(stub) -> None:
     too_big = {"model": "model-a", "messages": [{"role": "user", "content": "x" * (6 * 1024 * 1024)}]}
     _, second = exchange(stub, [headers(), body(too_big)])
     assert second.immediate_response.status.code == 413
+
+
+def rewritten_body(response: ep.ProcessingResponse) -> tuple[dict, dict[str, str]]:
+    common = response.request_body.response
+    set_headers = {o.header.key: o.header.raw_value.decode() for o in common.header_mutation.set_headers}
+    body = common.body_mutation.body
+    assert set_headers["content-length"] == str(len(body))
+    return orjson.loads(body), set_headers
+
+
+@pytest.mark.parametrize("asked", ["auto", "model-a"])
+def test_the_drawn_pool_rewrites_the_model(stub, asked: str) -> None:
+    """On a route that drew pool b (the A/B split), "auto" or pool a's model becomes b's served name."""
+    payload = {**chat(asked), "temperature": 0.3, "stream": True}
+    _, second = exchange(stub, [headers(), body(payload)], metadata=[(names.POOL_METADATA, "b")])
+    assert set(pick_of(second)[0]) == set(POOL_B)
+    sent, _ = rewritten_body(second)
+    assert sent == {**payload, "model": "model-b"}  # everything else unchanged
+
+
+def test_a_model_the_pool_serves_is_left_alone(stub) -> None:
+    _, second = exchange(stub, [headers(), body(chat("model-b-alias"))], metadata=[(names.POOL_METADATA, "b")])
+    assert not second.request_body.response.HasField("body_mutation")
+
+
+def test_auto_without_a_route_goes_to_the_first_pool(stub) -> None:
+    _, second = exchange(stub, [headers(), body(chat("auto"))])
+    endpoints, set_headers, cleared = pick_of(second)
+    assert set(endpoints) == set(POOL_A) and set_headers[names.POOL_HEADER] == "a" and cleared
+    assert rewritten_body(second)[0]["model"] == "model-a"
+
+
+def test_the_gateway_lists_every_model(stub) -> None:
+    (only,) = exchange(stub, [headers("/v1/models", "GET", end=True)])
+    assert only.immediate_response.status.code == 200
+    listing = orjson.loads(only.immediate_response.body)
+    assert listing["object"] == "list"
+    assert [m["id"] for m in listing["data"]] == ["model-a", "model-b", "model-b-alias"]
+    # A pool's own path still reaches that pool's servers.
+    (only,) = exchange(stub, [headers("/v1/models", "GET", end=True)], metadata=[(names.POOL_METADATA, "b")])
+    assert pick_of(only)[0][0] in POOL_B
