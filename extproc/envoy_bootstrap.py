@@ -36,7 +36,8 @@ from typing import Any, Literal
 import betterproto2
 import yaml
 
-from extproc.config import Config, ConfigError, Pool, load_config, parse_host_port
+from extproc.config import Config, ConfigError, Pool, Split, load_config, parse_host_port
+from extproc.eds import eds_path, write_eds
 
 # envoy-data-plane's generated classes trip pydantic deprecation warnings when imported; they are not ours.
 with warnings.catch_warnings():
@@ -61,8 +62,10 @@ with warnings.catch_warnings():
     from envoy_data_plane.envoy.type.matcher import v3 as matcher
     from envoy_data_plane.envoy.type.metadata import v3 as metadata
     from envoy_data_plane.google.protobuf import Any as AnyProto
+    from envoy_data_plane.google.protobuf import Struct
 
 from extproc.names import (
+    DEFAULT_ROUTE,
     DESTINATION_KEY,
     LB_NAMESPACE,
     PICKED_HEADER,
@@ -70,6 +73,21 @@ from extproc.names import (
     POOL_METADATA,
     UPSTREAM_HOST_HEADER,
 )
+
+# Response headers the route configuration adds (beside UPSTREAM_HOST_HEADER and PICKED_HEADER of names.py).
+POOL_RESPONSE_HEADER = "x-gateway-pool"  # the pool whose cluster served the request, e.g. "1b"
+ROUTING_US_HEADER = "x-gateway-routing-us"  # microseconds from the last request byte to the upstream request
+# Pool clusters carry their pool name as metadata, so a formatter can name the pool without the "pool-" prefix.
+CLUSTER_METADATA_NAMESPACE = "extproc"
+CLUSTER_METADATA_POOL = "pool"
+POOL_FORMAT = f"%CLUSTER_METADATA({CLUSTER_METADATA_NAMESPACE}:{CLUSTER_METADATA_POOL})%"
+ROUTING_US_FORMAT = "%COMMON_DURATION(DS_RX_END:US_TX_BEG:us)%"
+RESPONSE_HEADERS = {
+    UPSTREAM_HOST_HEADER: "%UPSTREAM_HOST%",
+    PICKED_HEADER: f"%REQ({DESTINATION_KEY})%",
+    POOL_RESPONSE_HEADER: POOL_FORMAT,
+    ROUTING_US_HEADER: ROUTING_US_FORMAT,
+}
 
 EXT_PROC_CLUSTER = "extproc"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
@@ -143,14 +161,32 @@ def _override_host_policy(fallback: Fallback) -> cluster.LoadBalancingPolicy:
     )
 
 
-def _pool_cluster(pool: Pool, fallback: Fallback) -> cluster.Cluster:
+def _pool_cluster(pool: Pool, fallback: Fallback, eds_dir: str | None = None) -> cluster.Cluster:
     name = pool_cluster_name(pool)
     common: dict[str, Any] = {
         "name": name,
         "connect_timeout": _seconds(1),
         "typed_extension_protocol_options": _protocol_options(http2=False),
         "load_balancing_policy": _override_host_policy(fallback),
+        # The pool's name without the cluster prefix, for the x-gateway-pool response header (CLUSTER_METADATA).
+        "metadata": core.Metadata(
+            filter_metadata={CLUSTER_METADATA_NAMESPACE: Struct.from_dict({CLUSTER_METADATA_POOL: pool.name})}
+        ),
     }
+    if eds_dir is not None:
+        # Membership from a file the ext_proc rewrites (extproc.eds.write_eds: write, then rename into eds_dir).
+        # Envoy watches the directory for files moved into it, and re-reads the path on each such event.
+        source = core.ConfigSource(
+            path_config_source=core.PathConfigSource(
+                path=str(eds_path(eds_dir, pool.name)), watched_directory=core.WatchedDirectory(path=eds_dir)
+            ),
+            resource_api_version=core.ApiVersion.V3,
+        )
+        return cluster.Cluster(
+            type=cluster.ClusterDiscoveryType.EDS,
+            eds_cluster_config=cluster.ClusterEdsClusterConfig(eds_config=source),
+            **common,
+        )
     if pool.endpoints.static is not None:
         return cluster.Cluster(
             type=cluster.ClusterDiscoveryType.STATIC,
@@ -175,6 +211,22 @@ def _pool_cluster(pool: Pool, fallback: Fallback) -> cluster.Cluster:
         ),
         **common,
     )
+
+
+def write_initial_eds(config: Config, eds_dir: str) -> list[Path]:
+    """The EDS files Envoy reads at start: static pools from the configuration, others empty if missing.
+
+    Envoy refuses a bootstrap whose EDS path does not exist, so every pool gets a file. A DNS pool's file
+    is left alone when it exists (the ext_proc resolves the name and keeps it current), else written empty
+    until the ext_proc's first resolution.
+    """
+    written = []
+    for pool in config.pools:
+        if pool.endpoints.static is not None:
+            written.append(write_eds(eds_dir, pool.name, pool.endpoints.static))
+        elif not eds_path(eds_dir, pool.name).exists():
+            written.append(write_eds(eds_dir, pool.name, []))
+    return written
 
 
 def _ext_proc_cluster(address: str) -> cluster.Cluster:
@@ -218,15 +270,55 @@ def _ext_proc_filter(message_timeout_ms: int) -> hcm.HttpFilter:
     return hcm.HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyProto.pack(config))
 
 
+def _pool_metadata(pool: str) -> dict[str, AnyProto]:
+    """typed_per_filter_config telling the ext_proc, in its stream's gRPC initial metadata, which pool Envoy chose."""
+    per_route = ext_proc_v3.ExtProcPerRoute(
+        overrides=ext_proc_v3.ExtProcOverrides(grpc_initial_metadata=[core.HeaderValue(key=POOL_METADATA, value=pool)])
+    )
+    return {EXT_PROC_FILTER: AnyProto.pack(per_route)}
+
+
+def split_route_name(split: Split | str) -> str:
+    return f"{split if isinstance(split, str) else split.name}-split"
+
+
+def _split_route(split: Split, timeout: datetime.timedelta) -> route.Route:
+    """``/v1/<split>/...`` -> one of the split's pools, drawn by weight, rewritten to ``/v1/...``.
+
+    Each arm carries its own ``x-pool`` metadata for the ext_proc. Envoy draws once per stream: a route cache
+    clear re-matches this route but keeps the draw. With ``sticky_header`` the draw is the hash of that header
+    (``use_hash_policy``), so one header value always gets the same pool; without the header it stays random.
+    """
+    weighted = route.WeightedCluster(
+        clusters=[
+            route.WeightedClusterClusterWeight(
+                name=pool_cluster_name(backend.pool),
+                weight=backend.weight,
+                typed_per_filter_config=_pool_metadata(backend.pool),
+            )
+            for backend in split.backends
+        ],
+    )
+    action = route.RouteAction(weighted_clusters=weighted, prefix_rewrite="/v1/", timeout=timeout)
+    if split.sticky_header is not None:
+        weighted.use_hash_policy = True
+        action.hash_policy = [
+            route.RouteActionHashPolicy(header=route.RouteActionHashPolicyHeader(header_name=split.sticky_header))
+        ]
+    return route.Route(name=split_route_name(split), match=route.RouteMatch(prefix=f"/v1/{split.name}/"), route=action)
+
+
 def _routes(config: Config, timeout: datetime.timedelta) -> list[route.Route]:
-    routes: list[route.Route] = []
+    # 1. Splits come first, so nothing (a client's x-extproc-pool header included) can take a request out of
+    # the pool Envoy drew for it; the ext_proc only picks an endpoint inside that pool.
+    routes: list[route.Route] = [_split_route(split, timeout) for split in config.splits]
     # The header wins even on a /v1/<pool>/ path (it is matched first), so strip any pool prefix there too:
     # a regex rewrite that does not match leaves the path alone.
     any_pool_prefix = matcher.RegexMatchAndSubstitute(
         pattern=matcher.RegexMatcher(regex="^/v1/(?:" + "|".join(p.name for p in config.pools) + ")/"),
         substitution="/v1/",
     )
-    for pool in config.pools:  # 1. the pool the ext_proc picked (header set + route cache cleared)
+    for pool in config.pools:  # 2. the pool the ext_proc picked (header set + route cache cleared)
         routes.append(
             route.Route(
                 name=f"{pool.name}-by-header",
@@ -241,23 +333,18 @@ def _routes(config: Config, timeout: datetime.timedelta) -> list[route.Route]:
                 ),
             )
         )
-    for pool in config.pools:  # 2. the pool in the path; the ext_proc learns it from the stream's metadata
-        per_route = ext_proc_v3.ExtProcPerRoute(
-            overrides=ext_proc_v3.ExtProcOverrides(
-                grpc_initial_metadata=[core.HeaderValue(key=POOL_METADATA, value=pool.name)]
-            )
-        )
+    for pool in config.pools:  # 3. the pool in the path; the ext_proc learns it from the stream's metadata
         routes.append(
             route.Route(
                 name=f"{pool.name}-by-path",
                 match=route.RouteMatch(prefix=f"/v1/{pool.name}/"),
                 route=route.RouteAction(cluster=pool_cluster_name(pool), prefix_rewrite="/v1/", timeout=timeout),
-                typed_per_filter_config={EXT_PROC_FILTER: AnyProto.pack(per_route)},
+                typed_per_filter_config=_pool_metadata(pool.name),
             )
         )
-    routes.append(  # 3. before the ext_proc has decided, or while it is down
+    routes.append(  # 4. before the ext_proc has decided, or while it is down
         route.Route(
-            name="default",
+            name=DEFAULT_ROUTE,
             match=route.RouteMatch(prefix="/"),
             route=route.RouteAction(cluster=pool_cluster_name(config.pools[0]), timeout=timeout),
         )
@@ -277,6 +364,8 @@ def build_bootstrap_message(
     route_timeout_s: float = 300.0,
     access_log: bool = False,
     node_id: str = "extproc-gateway",
+    eds_dir: str | None = None,
+    write_eds_files: bool = True,
 ) -> bootstrap.Bootstrap:
     """The typed bootstrap; see `build_bootstrap` for the arguments."""
     if message_timeout_ms < 0:
@@ -284,15 +373,19 @@ def build_bootstrap_message(
     buffer_limit = config.limits.envoy_buffer_bytes if max_request_bytes is None else max_request_bytes
     if not 0 < buffer_limit < 2**32:
         raise ValueError("max_request_bytes must be between 1 and 2**32 - 1")
+    eds_dir = eds_dir or config.server.eds_dir
+    if eds_dir is not None and write_eds_files:
+        write_initial_eds(config, eds_dir)
     manager = hcm.HttpConnectionManager(
         stat_prefix="gateway",
         codec_type=hcm.HttpConnectionManagerCodecType.AUTO,
         route_config=route.RouteConfiguration(
             name="gateway",
-            # Tell the client where its request went: the upstream Envoy used and the ext_proc's pick.
+            # Tell the client where its request went: the upstream Envoy used, the ext_proc's pick, the pool
+            # that served, and how long Envoy held the request before sending it upstream (see ROUTING_US_FORMAT).
             response_headers_to_add=[
-                core.HeaderValueOption(header=core.HeaderValue(key=UPSTREAM_HOST_HEADER, value="%UPSTREAM_HOST%")),
-                core.HeaderValueOption(header=core.HeaderValue(key=PICKED_HEADER, value=f"%REQ({DESTINATION_KEY})%")),
+                core.HeaderValueOption(header=core.HeaderValue(key=key, value=value))
+                for key, value in RESPONSE_HEADERS.items()
             ],
             virtual_hosts=[
                 route.VirtualHost(name="gateway", domains=["*"], routes=_routes(config, _seconds(route_timeout_s)))
@@ -331,7 +424,7 @@ def build_bootstrap_message(
             listeners=[gateway],
             clusters=[
                 _ext_proc_cluster(ext_proc or config.server.listen),
-                *(_pool_cluster(pool, fallback) for pool in config.pools),
+                *(_pool_cluster(pool, fallback, eds_dir) for pool in config.pools),
             ],
         ),
     )
@@ -349,6 +442,8 @@ def build_bootstrap(
     route_timeout_s: float = 300.0,
     access_log: bool = False,
     node_id: str = "extproc-gateway",
+    eds_dir: str | None = None,
+    write_eds_files: bool = True,
 ) -> dict[str, Any]:
     """Envoy's bootstrap as a plain dict (snake_case, ready for YAML/JSON).
 
@@ -367,6 +462,8 @@ def build_bootstrap(
         route_timeout_s=route_timeout_s,
         access_log=access_log,
         node_id=node_id,
+        eds_dir=eds_dir,
+        write_eds_files=write_eds_files,
     )
     return _explicit_defaults(message.to_dict(casing=_SNAKE))
 

@@ -15,7 +15,6 @@ from extproc import names, protocol
 from extproc.config import Config, Pool
 from extproc.endpoints import EndpointTable
 from extproc.openai import ParsedRequest, RequestError, parse_body
-from extproc.prefix import prompt_hashes
 from extproc.scheduling import Decision, RoutingRequest
 from extproc.scheduling.scheduler import Scheduler
 from extproc.telemetry import Telemetry
@@ -45,8 +44,6 @@ class EndpointPicker:
         self._pools = {p.name: p for p in config.pools}
         self._pool_by_model = {m: p for p in config.pools for m in p.models}
         self._max_body = config.limits.max_body_bytes
-        self._block_chars = config.prefix.block_chars
-        self._max_blocks = config.prefix.max_prompt_blocks
         created = int(time.time())
         listing = {
             "object": "list",
@@ -143,7 +140,7 @@ class EndpointPicker:
         hashes: tuple[int, ...] = ()
         prompt_chars = 0
         if parsed is not None and parsed.prompt:
-            hashes = prompt_hashes(parsed.prompt, pool.served_name, self._block_chars, self._max_blocks)
+            hashes = self.scheduler.hash_prompt(parsed.prompt, pool.served_name)
             prompt_chars = len(parsed.prompt)
         routing = RoutingRequest(
             pool=pool.name, model=model, prefix_hashes=hashes, prompt_chars=prompt_chars, subset=state.subset
