@@ -134,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="extproc", description="Envoy ext_proc endpoint picker for vLLM, and its vLLM simulator."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from extproc import up
+    from extproc import demo, up
 
+    demo.add_parser(sub)
     up.add_parser(sub)
     _add_serve(sub)
     _add_envoy_config(sub)
