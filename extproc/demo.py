@@ -92,8 +92,7 @@ import aiohttp
 import orjson
 
 from extproc import up
-from extproc.envoy_bootstrap import POOL_RESPONSE_HEADER, ROUTING_US_HEADER
-from extproc.names import UPSTREAM_HOST_HEADER
+from extproc.names import POOL_RESPONSE_HEADER, ROUTING_US_HEADER, UPSTREAM_HOST_HEADER
 from extproc.stack import PoolSpec, Stack
 
 AB_ROUTE = "ab-test"

@@ -2,14 +2,18 @@
 
 Envoy is started as an `extproc.procs.Child` (own session, stopped by PID). Each instance gets its own
 hot-restart base id (``--use-dynamic-base-id`` unless one is given), so Envoys running at the same time,
-e.g. in parallel tests, do not clash on the shared-memory region keyed by that id.
+e.g. in parallel tests, do not clash on the shared-memory region keyed by that id. `cluster_members` and
+`wait_for_members` read a cluster's membership from the admin interface (e.g. after an EDS file changed).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,3 +96,34 @@ def start_envoy(
         child.stop()
         raise
     return child
+
+
+def cluster_members(admin: str, cluster: str, timeout: float = 5.0) -> list[str]:
+    """The members of ``cluster`` (``ip:port``, ``[v6]:port``) as Envoy's admin ``/clusters`` lists them now, sorted.
+
+    ``admin`` is the admin base URL, e.g. ``http://127.0.0.1:9901``. An unknown cluster has no members.
+    """
+    with urllib.request.urlopen(f"{admin}/clusters?format=json", timeout=timeout) as response:
+        data = json.load(response)
+    members = []
+    for status in data.get("cluster_statuses", []):
+        if status.get("name") != cluster:
+            continue
+        for host in status.get("host_statuses", []):
+            socket_address = host.get("address", {}).get("socket_address", {})
+            address, port = socket_address.get("address", ""), socket_address.get("port_value", 0)
+            members.append(f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
+    return sorted(members)
+
+
+def wait_for_members(admin: str, cluster: str, expected: list[str], timeout: float = 5.0) -> float:
+    """Poll ``/clusters`` until ``cluster`` has exactly ``expected``; return the seconds it took."""
+    start = time.monotonic()
+    want = sorted(expected)
+    while True:
+        current = cluster_members(admin, cluster)
+        if current == want:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"{cluster} has {current} after {timeout:.1f}s, expected {want}")
+        time.sleep(0.005)

@@ -17,3 +17,5 @@ ROUTE_ATTRIBUTE = "xds.route_name"
 # Response headers Envoy adds, so clients and tests can see where a request went.
 UPSTREAM_HOST_HEADER = "x-gateway-upstream-host"
 PICKED_HEADER = "x-gateway-picked-endpoint"
+POOL_RESPONSE_HEADER = "x-gateway-pool"  # the pool whose cluster served the request, e.g. "1b"
+ROUTING_US_HEADER = "x-gateway-routing-us"  # microseconds from the request's last byte to the upstream send

@@ -14,8 +14,6 @@ from typing import Any
 import yaml
 
 from extproc.config import Config, parse_config
-from extproc.envoy_bootstrap import build_bootstrap
-from extproc.envoy_run import start_envoy
 from extproc.procs import Child, extproc_argv, free_port, start_sim
 
 
@@ -106,6 +104,10 @@ def start_stack(
     ``settings`` are extra top-level config sections (scheduler, scrape, limits, prefix) merged over
     the defaults. If anything fails to start, whatever did start is stopped before the error propagates.
     """
+    # Envoy's typed config classes take a second to import: only when a stack really starts.
+    from extproc.envoy_bootstrap import build_bootstrap
+    from extproc.envoy_run import start_envoy
+
     log_dir.mkdir(parents=True, exist_ok=True)
     stack: Stack | None = None
     started: list[Child] = []

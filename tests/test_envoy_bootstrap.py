@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import socket
+import statistics
 import threading
 import time
 import warnings
@@ -27,6 +28,7 @@ import pytest
 import yaml
 
 from extproc.config import Config, load_config, parse_config
+from extproc.eds import write_eds
 from extproc.envoy_bootstrap import add_parser, build_bootstrap, main, render_bootstrap
 from extproc.envoy_run import start_envoy, validate_bootstrap
 from extproc.procs import Child, free_port, start_sim
@@ -41,6 +43,7 @@ with warnings.catch_warnings():  # envoy-data-plane's classes trip pydantic depr
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_1B, MODEL_3B = "llama-3-2-1b", "llama-3-2-3b"
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
+SPLIT = {"name": "ab-test", "backends": [{"pool": "1b", "weight": 70}, {"pool": "3b", "weight": 30}]}
 
 
 def two_pools(p1b: list[str], p3b: list[str], **extra: Any) -> Config:
@@ -75,12 +78,23 @@ def served(address: str) -> float:
         ),
         ("unix", {"server": {"listen": "unix:/tmp/extproc-test.sock"}}, {"fallback": "least_request"}),
         ("ipv6", {}, {"listen": "[::1]:18080", "admin": "[::1]:19901", "ext_proc": "[::1]:9002", "access_log": True}),
+        ("split", {"splits": [SPLIT]}, {}),
+        ("sticky", {"splits": [{**SPLIT, "sticky_header": "x-user-id"}]}, {}),
+        ("eds", {"splits": [SPLIT]}, {"eds_dir": "EDS"}),  # EDS: replaced by a directory under tmp_path
+        ("eds-from-config", {"server": {"eds_dir": "EDS"}}, {}),
     ],
 )
 def test_envoy_accepts_bootstrap(tmp_path: Path, name: str, data: dict[str, Any], kwargs: dict[str, Any]) -> None:
     base = {
-        "pools": [{"name": "1b", "models": [MODEL_1B], "endpoints": {"static": ["127.0.0.1:8001", "10.0.0.2:8000"]}}]
+        "pools": [
+            {"name": "1b", "models": [MODEL_1B], "endpoints": {"static": ["127.0.0.1:8001", "10.0.0.2:8000"]}},
+            {"name": "3b", "models": [MODEL_3B], "endpoints": {"dns": {"name": "localhost", "port": 8000}}},
+        ]
     }
+    eds_dir = str(tmp_path / "eds")
+    kwargs = {k: eds_dir if v == "EDS" else v for k, v in kwargs.items()}
+    if "server" in data and data["server"].get("eds_dir") == "EDS":
+        data = {**data, "server": {"eds_dir": eds_dir}}
     config = parse_config({**base, **data})
     bootstrap = build_bootstrap(config, **kwargs)
     validate_bootstrap(bootstrap, tmp_path / f"{name}.yaml")
@@ -88,9 +102,99 @@ def test_envoy_accepts_bootstrap(tmp_path: Path, name: str, data: dict[str, Any]
     assert set(clusters) == {"extproc", *(f"pool-{p.name}" for p in config.pools)}
     if name == "dns":
         assert clusters["pool-dns"]["cluster_type"]["name"] == "envoy.clusters.dns"
+    elif name.startswith("eds"):
+        assert {clusters[c]["type"] for c in ("pool-1b", "pool-3b")} == {"EDS"}
+        assert sorted(p.name for p in Path(eds_dir).iterdir()) == ["pool-1b.json", "pool-3b.json"]
+    else:
+        assert clusters["pool-1b"]["type"] == "STATIC"
     if name == "unix":
         address = clusters["extproc"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
         assert address == {"pipe": {"path": "/tmp/extproc-test.sock"}}
+
+
+def _route(bootstrap: dict[str, Any], name: str) -> dict[str, Any]:
+    manager = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    return next(r for r in routes if r["name"] == name)
+
+
+def _route_names(bootstrap: dict[str, Any]) -> list[str]:
+    manager = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return [r["name"] for r in manager["route_config"]["virtual_hosts"][0]["routes"]]
+
+
+def test_split_routes_come_first_with_pool_metadata_per_arm() -> None:
+    config = two_pools(["127.0.0.1:8001"], ["127.0.0.1:8003"], splits=[{**SPLIT, "sticky_header": "x-user-id"}])
+    bootstrap = build_bootstrap(config)
+    assert _route_names(bootstrap) == [
+        "ab-test-split",
+        "1b-by-header",
+        "3b-by-header",
+        "1b-by-path",
+        "3b-by-path",
+        "default",
+    ]
+    split = _route(bootstrap, "ab-test-split")
+    assert split["match"] == {"prefix": "/v1/ab-test/"}
+    action = split["route"]
+    assert action["prefix_rewrite"] == "/v1/"
+    assert action["hash_policy"] == [{"header": {"header_name": "x-user-id"}}]
+    assert action["weighted_clusters"]["use_hash_policy"] is True
+    arms = action["weighted_clusters"]["clusters"]
+    assert [(a["name"], a["weight"]) for a in arms] == [("pool-1b", 70), ("pool-3b", 30)]
+    for arm, pool in zip(arms, ["1b", "3b"], strict=True):
+        overrides = arm["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["overrides"]
+        assert overrides == {"grpc_initial_metadata": [{"key": "x-pool", "value": pool}]}
+
+    plain = _route(build_bootstrap(two_pools(["127.0.0.1:8001"], ["127.0.0.1:8003"], splits=[SPLIT])), "ab-test-split")
+    assert "hash_policy" not in plain["route"] and "use_hash_policy" not in plain["route"]["weighted_clusters"]
+
+
+def test_eds_mode_writes_the_initial_files(tmp_path: Path) -> None:
+    eds_dir = tmp_path / "eds"
+    config = parse_config(
+        {
+            "pools": [
+                {"name": "1b", "models": [MODEL_1B], "endpoints": {"static": ["127.0.0.1:8002", "127.0.0.1:8001"]}},
+                {"name": "dns", "models": ["m"], "endpoints": {"dns": {"name": "localhost", "port": 8000}}},
+            ],
+            "server": {"eds_dir": str(eds_dir)},
+        }
+    )
+    bootstrap = build_bootstrap(config)
+    clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
+    assert clusters["pool-1b"]["eds_cluster_config"] == {
+        "eds_config": {
+            "path_config_source": {
+                "path": str(eds_dir / "pool-1b.json"),
+                "watched_directory": {"path": str(eds_dir)},
+            },
+            "resource_api_version": "V3",
+        }
+    }
+    assert "load_assignment" not in clusters["pool-dns"] and clusters["pool-dns"]["type"] == "EDS"
+    assert "override_host" in json.dumps(clusters["pool-dns"]["load_balancing_policy"])
+
+    def members(pool: str) -> list[str]:
+        data = json.loads((eds_dir / f"pool-{pool}.json").read_text())
+        (assignment,) = data["resources"]
+        assert assignment["cluster_name"] == f"pool-{pool}"
+        return [
+            f"{e['endpoint']['address']['socket_address']['address']}:"
+            f"{e['endpoint']['address']['socket_address']['port_value']}"
+            for group in assignment["endpoints"]
+            for e in group["lb_endpoints"]
+        ]
+
+    assert members("1b") == ["127.0.0.1:8001", "127.0.0.1:8002"]
+    assert members("dns") == []  # until the ext_proc resolves the name
+    write_eds(eds_dir, "dns", ["10.0.0.7:8000"])  # the ext_proc did; a new bootstrap keeps that file
+    build_bootstrap(config)
+    assert members("dns") == ["10.0.0.7:8000"]
+
+    other = tmp_path / "other"
+    build_bootstrap(config, eds_dir=str(other), write_eds_files=False)
+    assert not other.exists()
 
 
 def test_example_bootstrap_is_valid_and_current(tmp_path: Path) -> None:
@@ -303,7 +407,8 @@ class FakeExtProc:
     """A minimal ext_proc (grpcio generic handler): answers every message, optionally picks from the body.
 
     A body field ``pick`` becomes the endpoint (dynamic metadata ``envoy.lb`` only, no header, to prove the
-    metadata path works) and ``pool`` the ``x-extproc-pool`` header with a route cache clear.
+    metadata path works), ``pool`` the ``x-extproc-pool`` header with a route cache clear, and ``sleep_ms``
+    a delay before the answer (a slow picker).
     """
 
     def __init__(self, address: str) -> None:
@@ -341,6 +446,8 @@ class FakeExtProc:
 
     @staticmethod
     def _decide(body: dict[str, Any]) -> ext_proc_pb.ProcessingResponse:
+        if body.get("sleep_ms"):
+            time.sleep(body["sleep_ms"] / 1000)
         headers = []
         if body.get("pool"):
             headers.append(
@@ -369,7 +476,7 @@ def up(sims: dict[str, list[str]], tmp_path_factory: pytest.TempPathFactory) -> 
     socket_path = log_dir / "extproc.sock"
     fake = FakeExtProc(f"unix:{socket_path}")
     try:
-        config = two_pools(sims["1b"], sims["3b"], server={"listen": f"unix:{socket_path}"})
+        config = two_pools(sims["1b"], sims["3b"], server={"listen": f"unix:{socket_path}"}, splits=[SPLIT])
         slow = {"name": "slow", "models": ["slow-model"], "endpoints": {"static": sims["slow"]}}
         config = config.model_copy(update={"pools": [*config.pools, parse_config({"pools": [slow]}).pools[0]]})
         # A generous message timeout: a busy CI box must not turn a slow answer into fail-open.
@@ -462,3 +569,41 @@ def test_responses_stream_through_unbuffered(up: Stack) -> None:
     assert events >= 5
     assert total > 0.8  # ~10 tokens x 100 ms
     assert first < total / 3, (first, total)
+
+
+def test_split_arm_tells_the_ext_proc_the_drawn_pool(up: Stack) -> None:
+    """Each weighted arm sets ``x-pool`` on the ext_proc stream; a re-route by header cannot change the draw."""
+    drawn = []
+    for i in range(30):
+        # Half of them ask the ext_proc to move the request to pool 3b (header + route cache clear): the split
+        # route is matched first again, and Envoy keeps the stream's draw.
+        body = {**CHAT, "pool": "3b"} if i % 2 else CHAT
+        reply = post(f"{up.base}/v1/ab-test/chat/completions", body)
+        assert reply.status == 200, reply.body
+        call = _last_call(up)
+        pool = call.metadata["x-pool"]
+        assert call.attributes["envoy.filters.http.ext_proc"] == {
+            "xds.cluster_name": f"pool-{pool}",
+            "xds.route_name": "ab-test-split",
+        }
+        assert reply.headers["x-gateway-pool"] == pool
+        assert reply.json()["model"] == {"1b": MODEL_1B, "3b": MODEL_3B}[pool]
+        drawn.append(pool)
+    assert set(drawn) == {"1b", "3b"}, drawn  # P(30 draws of one pool) < 1e-4
+    assert "1b" in drawn[1::2]  # the x-extproc-pool: 3b requests were not taken out of their drawn pool
+
+
+def test_routing_time_header_includes_the_ext_proc(up: Stack) -> None:
+    """x-gateway-routing-us spans from the last request byte to the upstream request: a slower picker shows."""
+
+    def routing_us(sleep_ms: int) -> float:
+        values = []
+        for _ in range(5):
+            reply = post(f"{up.base}/v1/1b/chat/completions", {"model": MODEL_1B, **CHAT, "sleep_ms": sleep_ms})
+            assert reply.status == 200, reply.body
+            values.append(int(reply.headers["x-gateway-routing-us"]))
+        return statistics.median(values)
+
+    fast, slow = routing_us(0), routing_us(20)
+    assert 0 < fast < 20_000, fast
+    assert 15_000 < slow - fast < 50_000, (fast, slow)  # ~20,800 measured

@@ -45,7 +45,10 @@ def pool_of(header: str) -> str:
 
 
 async def fire(
-    stack: Stack, path: str, bodies: list[dict[str, Any]], headers: list[dict[str, str]] | None = None,
+    stack: Stack,
+    path: str,
+    bodies: list[dict[str, Any]],
+    headers: list[dict[str, str]] | None = None,
     concurrency: int = 16,
 ) -> list[tuple[int, dict[str, str], dict[str, Any]]]:
     results: list[tuple[int, dict[str, str], dict[str, Any]]] = [None] * len(bodies)  # type: ignore[list-item]
