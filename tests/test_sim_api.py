@@ -142,3 +142,12 @@ def test_presets_match_the_demo_latency_ranges(start_simulator) -> None:
         m = metrics(s.base)
         mean = m["vllm:e2e_request_latency_seconds_sum"] / m["vllm:e2e_request_latency_seconds_count"]
         assert low <= mean <= high, (preset, mean)
+
+
+def test_timing_headers_report_simulated_time(start_simulator) -> None:
+    s = start_simulator("--time-scale", "0")  # no waiting at all, yet the model's time is reported
+    reply = post(f"{s.base}/v1/chat/completions", chat("x" * 8000, max_tokens=10))
+    ttft, queue, e2e = (float(reply.headers[f"x-sim-{k}-ms"]) for k in ("ttft", "queue", "e2e"))
+    assert queue == 0
+    assert 60 < ttft < 120  # 8 ms overhead + ~2,000 tokens x 30 us + one step
+    assert abs(e2e - (ttft + 9 * 4.0)) < 1  # nine more decode steps of 4 ms

@@ -314,7 +314,7 @@ class SimServer:
             "choices": [choice],
             "usage": _usage(req),
         }
-        return web.Response(body=orjson.dumps(response), content_type=JSON)
+        return web.Response(body=orjson.dumps(response), content_type=JSON, headers=_timing_headers(req))
 
     async def _stream(
         self, http: web.Request, req: EngineRequest, model: str, chat: bool, include_usage: bool
@@ -376,6 +376,23 @@ class SimServer:
             self.engine.abort(req)
             raise
         return response
+
+
+def _timing_headers(req: EngineRequest) -> dict[str, str]:
+    """The engine's own view of the request, in simulated milliseconds (not part of vLLM's API).
+
+    Benchmarks read these instead of wall-clock times, so results do not depend on ``--time-scale`` or on
+    how busy the host is; the prefix these headers share marks them as the simulator's.
+    """
+    arrival = req.arrival
+    first = req.first_token if req.first_token is not None else arrival
+    admitted = req.admitted if req.admitted is not None else arrival
+    finished = req.finished if req.finished is not None else first
+    return {
+        "x-sim-ttft-ms": f"{(first - arrival) * 1e3:.3f}",
+        "x-sim-queue-ms": f"{(admitted - arrival) * 1e3:.3f}",
+        "x-sim-e2e-ms": f"{(finished - arrival) * 1e3:.3f}",
+    }
 
 
 def _usage(req: EngineRequest) -> dict[str, Any]:
