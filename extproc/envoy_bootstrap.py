@@ -380,7 +380,17 @@ def build_bootstrap_message(
     eds_dir: str | None = None,
     write_eds_files: bool = True,
 ) -> bootstrap.Bootstrap:
-    """The typed bootstrap; see `build_bootstrap` for the arguments."""
+    """The typed bootstrap.
+
+    ``ext_proc`` defaults to ``config.server.listen`` (``host:port`` or ``unix:/path``);
+    ``max_request_bytes`` (default ``config.limits.envoy_buffer_bytes``) is the largest request Envoy buffers
+    for the ext_proc; ``fallback`` is the pools' policy when the ext_proc names no member endpoint.
+
+    ``eds_dir`` (default ``config.server.eds_dir``) makes every pool cluster an EDS cluster fed by
+    ``<eds_dir>/pool-<name>.json``; unless ``write_eds_files`` is False, the files Envoy needs to start are
+    written here (`write_initial_eds`: static pools' members; DNS pools empty unless already there, the
+    ext_proc resolves them). Envoy rejects a bootstrap whose EDS file is missing.
+    """
     if message_timeout_ms < 0:
         raise ValueError("message_timeout_ms must be >= 0")
     buffer_limit = config.limits.envoy_buffer_bytes if max_request_bytes is None else max_request_bytes
@@ -443,47 +453,9 @@ def build_bootstrap_message(
     )
 
 
-def build_bootstrap(
-    config: Config,
-    *,
-    listen: str = "127.0.0.1:8080",
-    admin: str = "127.0.0.1:9901",
-    ext_proc: str | None = None,
-    message_timeout_ms: int = 200,
-    max_request_bytes: int | None = None,
-    fallback: Fallback = "round_robin",
-    route_timeout_s: float = 300.0,
-    access_log: bool = False,
-    node_id: str = "extproc-gateway",
-    eds_dir: str | None = None,
-    write_eds_files: bool = True,
-) -> dict[str, Any]:
-    """Envoy's bootstrap as a plain dict (snake_case, ready for YAML/JSON).
-
-    ``ext_proc`` defaults to ``config.server.listen`` (``host:port`` or ``unix:/path``);
-    ``max_request_bytes`` (default ``config.limits.envoy_buffer_bytes``) is the largest request Envoy buffers
-    for the ext_proc; ``fallback`` is the pools' policy when the ext_proc names no member endpoint.
-
-    ``eds_dir`` (default ``config.server.eds_dir``) makes every pool cluster an EDS cluster fed by
-    ``<eds_dir>/pool-<name>.json``; unless ``write_eds_files`` is False, the files Envoy needs to start are
-    written here (`write_initial_eds`: static pools' members; DNS pools empty unless already there, the
-    ext_proc resolves them). Envoy rejects a bootstrap whose EDS file is missing.
-    """
-    message = build_bootstrap_message(
-        config,
-        listen=listen,
-        admin=admin,
-        ext_proc=ext_proc,
-        message_timeout_ms=message_timeout_ms,
-        max_request_bytes=max_request_bytes,
-        fallback=fallback,
-        route_timeout_s=route_timeout_s,
-        access_log=access_log,
-        node_id=node_id,
-        eds_dir=eds_dir,
-        write_eds_files=write_eds_files,
-    )
-    return _explicit_defaults(message.to_dict(casing=_SNAKE))
+def build_bootstrap(config: Config, **options: Any) -> dict[str, Any]:
+    """Envoy's bootstrap as a plain dict (snake_case, ready for YAML/JSON); options as `build_bootstrap_message`."""
+    return _explicit_defaults(build_bootstrap_message(config, **options).to_dict(casing=_SNAKE))
 
 
 def _explicit_defaults(data: dict[str, Any]) -> dict[str, Any]:

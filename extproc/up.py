@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from extproc.procs import port_free
 from extproc.stack import PoolSpec, Stack
 
 DEFAULT_POOLS = (
@@ -29,12 +29,8 @@ class PortTaken(RuntimeError):
 def check_ports_free(ports: dict[str, int], host: str = "127.0.0.1") -> None:
     """Fail before starting anything if a fixed port is in use, naming the option that moves it."""
     for option, port in ports.items():
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is fine
-            try:
-                s.bind((host, port))
-            except OSError:
-                raise PortTaken(f"port {port} on {host} is already in use: choose another with {option}") from None
+        if not port_free(port, host):
+            raise PortTaken(f"port {port} on {host} is already in use: choose another with {option}")
 
 
 def add_port_arguments(p: argparse.ArgumentParser) -> None:

@@ -14,7 +14,6 @@ import queue
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -23,27 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from extproc.procs import extproc_argv, free_port
+from extproc.procs import extproc_argv, free_port, port_free
 
 PORT_OPTIONS = ("--port", "--admin-port", "--extproc-port", "--metrics-port")
 CHARTS = ("requests.png", "latency.png", "ab_split.png", "cache_hit_rate.png", "routing_overhead.png", "traffic.png")
 
 
 def demo_argv(*args: str) -> list[str]:
-    # `python -m extproc demo`; EXTPROC_DEMO_ENTRY=module runs the module's own entry point instead.
-    if os.environ.get("EXTPROC_DEMO_ENTRY") == "module":
-        return [sys.executable, "-m", "extproc.demo", *args]
     return extproc_argv("demo", *args)
-
-
-def port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not a listener
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 class Demo:

@@ -7,18 +7,8 @@ import socket
 import subprocess
 import time
 
-from extproc.procs import extproc_argv, free_port
+from extproc.procs import extproc_argv, free_port, port_free
 from tests.helpers import post
-
-
-def port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not a listener
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def test_up_serves_both_pools_and_stops_everything(tmp_path) -> None:
