@@ -8,8 +8,9 @@ import argparse
 def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="benchmarks (results go to stdout and optionally JSON)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    from extproc.bench import decision, overhead, sim_throughput
+    from extproc.bench import decision, overhead, routing, sim_throughput
 
     sim_throughput.add_parser(bench)
     decision.add_parser(bench)
     overhead.add_parser(bench)
+    routing.add_parser(bench)
