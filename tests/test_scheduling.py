@@ -355,3 +355,15 @@ def test_default_config_is_the_gie_weights() -> None:
         (2, "KVCacheScorer"),
         (3, "PrefixScorer"),
     ]
+
+
+def test_max_score_breaks_near_ties_in_rotation() -> None:
+    s = scheduler(scorers=[{"name": "kv_cache", "weight": 2}])
+    eps = endpoints(4)
+    for i, e in enumerate(eps):
+        e.kv_usage = 0.001 * i  # near-equal: within the picker's tolerance
+    picks = [s.schedule(request(s), eps, NOW).endpoints[0] for _ in range(8)]
+    assert sorted(picks[:4]) == sorted(e.address for e in eps)  # every endpoint once before any twice
+    assert picks[4:] == picks[:4]
+    eps[2].kv_usage = 0.5  # a real difference is not a tie
+    assert eps[2].address not in {s.schedule(request(s), eps, NOW).endpoints[0] for _ in range(6)}

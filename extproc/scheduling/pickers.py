@@ -10,18 +10,41 @@ from extproc.scheduling.types import EndpointState
 
 @register_picker("max_score")
 class MaxScore:
-    """Highest total score first, the rest by score as fallbacks; ties broken at random.
+    """Highest total score first, the rest by score as fallbacks.
 
-    Random tie-breaking matters: with equal scores (an idle pool, no prefix match) a fixed order would
-    send a burst between two scrapes to the same endpoint until ``pending`` tips the queue score.
+    Totals within ``tie_tolerance`` of each other count as a tie, and a tie goes to the endpoint picked
+    least recently (then at random). With no prefix to follow, near-equal scores are the common case:
+    breaking them in rotation spreads equal-cost requests as evenly as round robin does, where a random
+    draw (or a fixed order) lets a burst between two scrapes bunch up on one endpoint.
     """
+
+    def __init__(self, tie_tolerance: float = 0.2) -> None:
+        if isinstance(tie_tolerance, bool) or not isinstance(tie_tolerance, int | float) or tie_tolerance < 0:
+            raise ValueError(f"tie_tolerance must be a number >= 0, got {tie_tolerance!r}")
+        self.tie_tolerance = float(tie_tolerance)
+        self._last_pick: dict[str, int] = {}
+        self._picks = 0
 
     def pick(
         self, ctx: SchedulingContext, candidates: Sequence[EndpointState], totals: Sequence[float], count: int
     ) -> list[int]:
         draw = ctx.rng.random
-        keyed = sorted(((-t, draw(), i) for i, t in enumerate(totals)))
-        return [i for _, _, i in keyed[:count]]
+        last = self._last_pick
+        step = self.tie_tolerance
+        best = max(totals)
+        keyed = sorted(
+            (
+                (best - t) // step if step else -t,  # totals in one tolerance band below the best tie
+                last.get(c.address, -1),
+                draw(),
+                i,
+            )
+            for i, (t, c) in enumerate(zip(totals, candidates, strict=True))
+        )
+        order = [k[-1] for k in keyed[:count]]
+        self._picks += 1
+        last[candidates[order[0]].address] = self._picks
+        return order
 
 
 @register_picker("random")
