@@ -91,7 +91,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from extproc import up
+from extproc import stats, up
 from extproc.names import POOL_RESPONSE_HEADER, ROUTING_US_HEADER, UPSTREAM_HOST_HEADER
 from extproc.stack import PoolSpec, Stack
 
@@ -621,14 +621,8 @@ async def models_endpoint(gateway: str) -> dict[str, Any]:
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default); ``q`` in 0..100."""
-    if not values:
-        return None
-    data = sorted(values)
-    pos = (len(data) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+    """``q`` in 0..100; None when there are no values (the JSON summary has no NaN)."""
+    return stats.percentile(values, q / 100.0) if values else None
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float] | None:

@@ -46,6 +46,7 @@ import yaml
 
 from extproc.bench.workloads import MODEL, WORKLOADS, Workload, describe, make_workload
 from extproc.names import PICKED_HEADER, UPSTREAM_HOST_HEADER
+from extproc.stats import percentile
 
 if TYPE_CHECKING:
     from extproc.stack import Stack
@@ -398,17 +399,6 @@ async def send_cell(url: str, workload: Workload, scale: float, warmup: int, bas
         run.after = await _scrape_all(session, bases)
     run.outcomes.sort(key=lambda o: o.index)
     return run
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default); NaN for no values."""
-    if not values:
-        return math.nan
-    s = sorted(values)
-    pos = (len(s) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def summarize(run: CellRun, warmup: int, scale: float, replicas: Sequence[str]) -> dict[str, Any]:
