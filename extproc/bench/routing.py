@@ -57,7 +57,7 @@ POLICIES: dict[str, dict[str, Any]] = {
     "random": {"filters": ["subset", "healthy"], "scorers": [], "picker": "random"},
     "round_robin": {"filters": ["subset", "healthy"], "scorers": [], "picker": "round_robin"},
     "least_queue": {"scorers": [{"name": "queue", "weight": 1}]},
-    "prefix_only": {"scorers": [{"name": "prefix", "weight": 1}]},
+    "prefix_only": {"filters": ["subset", "healthy"], "scorers": [{"name": "prefix", "weight": 1}]},
     "default": {},
 }
 QUICK_POLICIES = ("random", "round_robin", "least_queue", "prefix_only", "default")

@@ -279,7 +279,7 @@ class MultiturnWorkload:
 
 WORKLOADS: Sequence[str] = ("tenants", "multiturn", "random", "hot")
 
-HOT = TenantParams(hot_share=0.5)
+HOT = TenantParams(hot_share=0.75)
 
 
 def make_workload(name: str, seed: int, rate: float, count: int, max_tokens: int) -> Workload:

@@ -11,7 +11,7 @@ policy             scorers (name: weight, params)                   filters / pi
 default            queue: 2, kv_cache: 2, prefix: 3                 healthy, subset, not_saturated / max_score
 GIE-like prefix    as default, prefix params {min_blocks: 1}        as default
 least queue        queue: 1                                         as default / max_score
-prefix only        prefix: 1                                        as default / max_score
+prefix only        prefix: 1                                        healthy, subset / max_score
 random             (none)                                           healthy, subset / random
 round robin        (none)                                           healthy, subset / round_robin
 =================  ===============================================  ==========================================
