@@ -79,6 +79,7 @@ from extproc.names import (
     POOL_METADATA,
     POOL_RESPONSE_HEADER,
     ROUTING_US_HEADER,
+    SPLIT_ROUTE_SUFFIX,
     UPSTREAM_HOST_HEADER,
 )
 
@@ -292,7 +293,7 @@ def _pool_metadata(pool: str) -> dict[str, AnyProto]:
 
 
 def split_route_name(split: Split | str) -> str:
-    return f"{split if isinstance(split, str) else split.name}-split"
+    return f"{split if isinstance(split, str) else split.name}{SPLIT_ROUTE_SUFFIX}"
 
 
 def _split_route(split: Split, timeout: datetime.timedelta) -> route.Route:
@@ -318,7 +319,8 @@ def _split_route(split: Split, timeout: datetime.timedelta) -> route.Route:
         action.hash_policy = [
             route.RouteActionHashPolicy(header=route.RouteActionHashPolicyHeader(header_name=split.sticky_header))
         ]
-    return route.Route(name=split_route_name(split), match=route.RouteMatch(prefix=f"/v1/{split.name}/"), route=action)
+    name = split_route_name(split)
+    return route.Route(name=name, stat_prefix=name, match=route.RouteMatch(prefix=f"/v1/{split.name}/"), route=action)
 
 
 def _routes(config: Config, timeout: datetime.timedelta) -> list[route.Route]:
@@ -335,6 +337,7 @@ def _routes(config: Config, timeout: datetime.timedelta) -> list[route.Route]:
         routes.append(
             route.Route(
                 name=f"{pool.name}-by-header",
+                stat_prefix=f"{pool.name}-by-header",
                 match=route.RouteMatch(
                     prefix="/",
                     headers=[
@@ -350,6 +353,7 @@ def _routes(config: Config, timeout: datetime.timedelta) -> list[route.Route]:
         routes.append(
             route.Route(
                 name=f"{pool.name}-by-path",
+                stat_prefix=f"{pool.name}-by-path",
                 match=route.RouteMatch(prefix=f"/v1/{pool.name}/"),
                 route=route.RouteAction(cluster=pool_cluster_name(pool), prefix_rewrite="/v1/", timeout=timeout),
                 typed_per_filter_config=_pool_metadata(pool.name),
@@ -358,6 +362,7 @@ def _routes(config: Config, timeout: datetime.timedelta) -> list[route.Route]:
     routes.append(  # 4. before the ext_proc has decided, or while it is down
         route.Route(
             name=DEFAULT_ROUTE,
+            stat_prefix=DEFAULT_ROUTE,
             match=route.RouteMatch(prefix="/"),
             route=route.RouteAction(cluster=pool_cluster_name(config.pools[0]), timeout=timeout),
         )

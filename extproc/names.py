@@ -10,6 +10,7 @@ SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 POOL_HEADER = "x-extproc-pool"  # set for model-based routing; header routes match on it
 POOL_METADATA = "x-pool"  # gRPC initial metadata a path route or weighted cluster sets: the pool Envoy chose
 CLUSTER_PREFIX = "pool-"  # Envoy cluster of pool NAME is pool-NAME
+SPLIT_ROUTE_SUFFIX = "-split"  # Envoy route of split NAME is NAME-split
 DEFAULT_ROUTE = "default"  # the route taken before the ext_proc has decided; its cluster means nothing
 CLUSTER_ATTRIBUTE = "xds.cluster_name"
 ROUTE_ATTRIBUTE = "xds.route_name"

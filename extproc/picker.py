@@ -17,7 +17,7 @@ from extproc.endpoints import EndpointTable
 from extproc.openai import ParsedRequest, RequestError, parse_body
 from extproc.scheduling import Decision, RoutingRequest
 from extproc.scheduling.scheduler import Scheduler
-from extproc.telemetry import Telemetry
+from extproc.telemetry import Telemetry, route_label
 
 _WANTED_HEADERS = frozenset((":path", ":method"))
 AUTO_MODEL = "auto"  # "any model": the pool is left to the route (e.g. the A/B split)
@@ -152,17 +152,31 @@ class EndpointPicker:
             kind_name = "rate_limited" if decision.status == 429 else "unavailable"
             return self._refuse(state, model, RequestError(decision.status, decision.reason, kind_name), pool.name)
         body: bytes | None = None
+        asked = model or ""
         if parsed is not None and model is not None and model not in pool.models:
             # "auto", or another pool's model on a route that drew this pool (the A/B split): ask the
             # drawn pool's vLLM for the model it serves.
             parsed.body["model"] = model = pool.served_name
             body = orjson.dumps(parsed.body)
-        telemetry.routed(pool.name, model or "", decision.endpoints[0], decision.fail_open)
+        telemetry.routed(
+            pool.name,
+            asked,
+            model or "",
+            route_label(state.attributes.get(names.ROUTE_ATTRIBUTE)),
+            decision.endpoints[0],
+            decision.fail_open,
+            decision.prompt_blocks,
+            decision.matched_blocks,
+        )
         return protocol.route(kind, decision.endpoints, pool_header, body)
 
     def _refuse(
         self, state: StreamState, model: str | None, error: RequestError, pool: str = ""
     ) -> protocol.ProcessingResponse:
-        # Only served model names become label values: a client's invented names must not grow the series.
-        self.telemetry.refused(pool, model if model in self._pool_by_model else "", error.status)
+        # Only served model names (and "auto") become label values: a client's invented names must not grow
+        # the series.
+        asked = model if model in self._pool_by_model or model == AUTO_MODEL else ""
+        served = self._pools[pool].served_name if pool in self._pools else ""
+        route = route_label(state.attributes.get(names.ROUTE_ATTRIBUTE))
+        self.telemetry.refused(pool, asked, served, route, error.status)
         return protocol.immediate(error.status, error.body(), f"extproc_{error.status}")

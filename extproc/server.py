@@ -25,7 +25,7 @@ from extproc.endpoints import EndpointTable
 from extproc.picker import EndpointPicker, StreamState
 from extproc.scheduling.scheduler import Scheduler
 from extproc.scrape import Scraper
-from extproc.telemetry import Telemetry
+from extproc.telemetry import StateCollector, Telemetry
 
 log = logging.getLogger("extproc")
 
@@ -70,6 +70,8 @@ class App:
         self.discovery = Discovery(config, self.table)
         self.scraper = Scraper(config, self.table)
         self.picker = EndpointPicker(config, self.table, self.scheduler, self.telemetry)
+        self.table.on_removed(self.telemetry.forget_endpoint)
+        self.telemetry.watch(StateCollector(config, self.table, self.scraper.stats, self.scheduler.prefix_index))
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.bound_port: int | None = None

@@ -1,19 +1,48 @@
-"""The picker's own Prometheus metrics, served on their own port."""
+"""The picker's own Prometheus metrics, served on their own port.
+
+Two kinds, kept apart because they cost differently:
+
+- per-request counters and histograms (`Telemetry`), updated on the request path through cached label
+  children, a few hundred nanoseconds each;
+- the state the scheduler works on (endpoint load, scrape health, prefix index size, configured split
+  weights), read only when Prometheus scrapes (`StateCollector`), so the request path pays nothing for it
+  and endpoints that leave their pool leave the output with them.
+
+Where the Gateway API Inference Extension's picker exports the same figure, the GIE name and labels are
+used (``inference_objective_*``, ``inference_pool_*``, ``inference_extension_prefix_indexer_*``), so its
+dashboards carry over; everything else is ``extproc_*``. Every label value comes from configuration or
+from the endpoint set (pools, served models, Envoy route names, endpoint addresses, HTTP statuses): never
+from a prompt or a client's free text, so the series count stays bounded.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
+from extproc import names
 from extproc.config import parse_host_port
+
+if TYPE_CHECKING:
+    from extproc.config import Config
+    from extproc.endpoints import EndpointTable
+    from extproc.prefix import PrefixIndex
+    from extproc.scrape import ScrapeStats
 
 # Decisions take tens of microseconds; the buckets must resolve that.
 DECISION_BUCKETS = (
+    0.000005,
     0.00001,
     0.000025,
     0.00005,
+    0.000075,
     0.0001,
+    0.00015,
     0.00025,
     0.0005,
     0.001,
@@ -24,21 +53,33 @@ DECISION_BUCKETS = (
     0.05,
     0.1,
 )
+RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+BY_MODEL_ROUTE = "by-model"  # the route label when the pool came from the body's model (Envoy's default route)
+
+
+def route_label(route_name: str | None) -> str:
+    """The ``route`` label of a request: Envoy's route name, except the pre-decision default route."""
+    if not route_name or route_name == names.DEFAULT_ROUTE:
+        return BY_MODEL_ROUTE
+    return route_name
 
 
 class Telemetry:
+    """Per-request metrics. Children are cached: ``labels()`` costs a lock and a tuple hash per call."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
             "extproc_requests",
-            "Requests the picker handled, by pool, model and outcome (picked, fallback, or an HTTP status).",
-            ["pool", "model", "outcome"],
+            "Requests the picker handled, by pool, served model, Envoy route and outcome "
+            "(picked, fallback = routed while failing open, or the HTTP status the picker answered with).",
+            ["pool", "model", "route", "outcome"],
             registry=r,
         )
         self.decision_seconds = Histogram(
             "extproc_decision_duration_seconds",
-            "Time to parse a request and pick its endpoint, per request.",
+            "Time to parse a request and pick its endpoint (body parse, prompt hashing, scheduling).",
             ["pool"],
             buckets=DECISION_BUCKETS,
             registry=r,
@@ -46,11 +87,31 @@ class Telemetry:
         self.picks = Counter(
             "extproc_endpoint_picks", "Requests sent to each endpoint (as the pick).", ["pool", "endpoint"], registry=r
         )
-
-        # labels() costs a lock and a tuple hash per call; the request path reuses the children.
+        self.objective_requests = Counter(
+            "inference_objective_request",
+            "Routed requests by the model asked for and the model served (GIE name).",
+            ["model_name", "target_model_name"],
+            registry=r,
+        )
+        self.objective_errors = Counter(
+            "inference_objective_request_error",
+            "Requests the picker refused, by model and HTTP status (GIE name).",
+            ["model_name", "target_model_name", "error_code"],
+            registry=r,
+        )
+        self.prefix_hit_ratio = Histogram(
+            "inference_extension_prefix_indexer_hit_ratio",
+            "Share of a prompt's blocks the prefix index placed on the picked endpoint, per request (GIE name; "
+            "name = pool).",
+            ["name"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
         self._decision_children: dict[str, Any] = {}
-        self._request_children: dict[tuple[str, str, str], Any] = {}
+        self._request_children: dict[tuple[str, str, str, str], Any] = {}
         self._pick_children: dict[tuple[str, str], Any] = {}
+        self._objective_children: dict[tuple[str, str], Any] = {}
+        self._ratio_children: dict[str, Any] = {}
 
     def decided(self, pool: str, seconds: float) -> None:
         child = self._decision_children.get(pool)
@@ -58,24 +119,175 @@ class Telemetry:
             child = self._decision_children[pool] = self.decision_seconds.labels(pool)
         child.observe(seconds)
 
-    def routed(self, pool: str, model: str, endpoint: str, fail_open: bool) -> None:
-        self._count_request(pool, model, "fallback" if fail_open else "picked")
+    def routed(
+        self,
+        pool: str,
+        asked: str,
+        model: str,
+        route: str,
+        endpoint: str,
+        fail_open: bool,
+        prompt_blocks: int = 0,
+        matched_blocks: int = 0,
+    ) -> None:
+        """A routed request: ``asked`` is the model the client named (a served one, ``auto`` or ""), ``model`` the
+        model served."""
+        self._count_request(pool, model, route, "fallback" if fail_open else "picked")
         key = (pool, endpoint)
         child = self._pick_children.get(key)
         if child is None:
             child = self._pick_children[key] = self.picks.labels(pool, endpoint)
         child.inc()
+        objective_key = (asked, model)
+        child = self._objective_children.get(objective_key)
+        if child is None:
+            child = self._objective_children[objective_key] = self.objective_requests.labels(asked, model)
+        child.inc()
+        if prompt_blocks:
+            child = self._ratio_children.get(pool)
+            if child is None:
+                child = self._ratio_children[pool] = self.prefix_hit_ratio.labels(pool)
+            child.observe(matched_blocks / prompt_blocks)
 
-    def refused(self, pool: str, model: str, status: int) -> None:
-        self._count_request(pool, model, str(status))
+    def refused(self, pool: str, asked: str, model: str, route: str, status: int) -> None:
+        """A request the picker answered itself (the error path: no child cache needed)."""
+        code = str(status)
+        self._count_request(pool, model, route, code)
+        self.objective_errors.labels(asked, model, code).inc()
 
-    def _count_request(self, pool: str, model: str, outcome: str) -> None:
-        key = (pool, model, outcome)
+    def forget_endpoint(self, address: str) -> None:
+        """Drop an endpoint's series once it left every pool: pod addresses churn, series must not pile up."""
+        for key in [k for k in self._pick_children if k[1] == address]:
+            del self._pick_children[key]
+            self.picks.remove(*key)
+
+    def _count_request(self, pool: str, model: str, route: str, outcome: str) -> None:
+        key = (pool, model, route, outcome)
         child = self._request_children.get(key)
         if child is None:
-            child = self._request_children[key] = self.requests.labels(pool, model, outcome)
+            child = self._request_children[key] = self.requests.labels(pool, model, route, outcome)
         child.inc()
+
+    def watch(self, collector: StateCollector) -> None:
+        self.registry.register(collector)
 
     def serve(self, listen: str) -> None:
         host, port = parse_host_port(listen, "metrics_listen")
         start_http_server(port, addr=host, registry=self.registry)
+
+
+SCRAPE_RESULTS = ("timeout", "connect", "status", "parse")
+
+
+class StateCollector:
+    """What the scheduler sees, read at Prometheus scrape time (on the metrics server's thread).
+
+    It only reads: plain attribute reads and ``list()`` copies of dicts the event loop owns, which the GIL
+    keeps consistent enough for a gauge.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        table: EndpointTable,
+        scrape_stats: dict[str, ScrapeStats],
+        prefix_index: PrefixIndex,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._table = table
+        self._scrape_stats = scrape_stats
+        self._prefix_index = prefix_index
+        self._clock = clock
+        self._stale_after = config.scrape.stale_after
+
+    def describe(self) -> list[Metric]:
+        return []  # no collect() at registration time
+
+    def collect(self) -> Iterator[Metric]:
+        now = self._clock()
+        labels = ["pool", "endpoint"]
+        waiting = GaugeMetricFamily(
+            "extproc_endpoint_waiting_requests", "Requests waiting at the endpoint, as last scraped.", labels=labels
+        )
+        running = GaugeMetricFamily(
+            "extproc_endpoint_running_requests", "Requests running at the endpoint, as last scraped.", labels=labels
+        )
+        pending = GaugeMetricFamily(
+            "extproc_endpoint_pending_requests",
+            "Requests the picker sent to the endpoint since its last scrape.",
+            labels=labels,
+        )
+        kv = GaugeMetricFamily(
+            "extproc_endpoint_kv_cache_usage_ratio", "KV-cache use (0-1), as last scraped.", labels=labels
+        )
+        up = GaugeMetricFamily(
+            "extproc_endpoint_up", "1 if the endpoint's latest scrape succeeded and is fresh, else 0.", labels=labels
+        )
+        age = GaugeMetricFamily(
+            "extproc_endpoint_scrape_age_seconds", "Seconds since the endpoint's last good scrape.", labels=labels
+        )
+        scrapes = CounterMetricFamily(
+            "extproc_endpoint_scrapes",
+            "Scrapes of the endpoint's /metrics by result (success, timeout, connect, status, parse).",
+            labels=[*labels, "result"],
+        )
+        per_pod_queue = GaugeMetricFamily(
+            "inference_pool_per_pod_queue_size",
+            "Requests waiting at each endpoint of the pool (GIE name).",
+            labels=["name", "model_server_pod"],
+        )
+        ready = GaugeMetricFamily("inference_pool_ready_pods", "Fresh endpoints (GIE name).", labels=["name"])
+        avg_queue = GaugeMetricFamily(
+            "inference_pool_average_queue_size", "Mean waiting requests over the pool (GIE name).", labels=["name"]
+        )
+        avg_kv = GaugeMetricFamily(
+            "inference_pool_average_kv_cache_utilization", "Mean KV-cache use of the pool (GIE name).", labels=["name"]
+        )
+        index_blocks = GaugeMetricFamily(
+            "extproc_prefix_index_blocks", "Blocks the prefix index holds for the pool's endpoints.", labels=["pool"]
+        )
+        stats = dict(list(self._scrape_stats.items()))
+        index = self._prefix_index
+        for pool in self._table.pools():
+            states = self._table.pool_endpoints(pool)
+            fresh = 0
+            for e in states:
+                values = [pool, e.address]
+                waiting.add_metric(values, e.waiting)
+                running.add_metric(values, e.running)
+                pending.add_metric(values, e.pending)
+                kv.add_metric(values, e.kv_usage)
+                is_fresh = e.fresh(now, self._stale_after)
+                fresh += is_fresh
+                up.add_metric(values, 1.0 if is_fresh else 0.0)
+                if e.scraped_at is not None:
+                    age.add_metric(values, max(0.0, now - e.scraped_at))
+                per_pod_queue.add_metric([pool, e.address], e.waiting)
+                s = stats.get(e.address)
+                if s is not None:
+                    scrapes.add_metric([*values, "success"], s.successes)
+                    by_kind = dict(s.errors_by_kind)
+                    for result in SCRAPE_RESULTS:
+                        scrapes.add_metric([*values, result], by_kind.get(result, 0))
+            ready.add_metric([pool], fresh)
+            if states:
+                avg_queue.add_metric([pool], sum(e.waiting for e in states) / len(states))
+                avg_kv.add_metric([pool], sum(e.kv_usage for e in states) / len(states))
+            index_blocks.add_metric([pool], sum(index.size(e.address) for e in states))
+        index_size = GaugeMetricFamily(
+            "inference_extension_prefix_indexer_size", "Prompt blocks in the prefix index, all pools (GIE name)."
+        )
+        index_size.add_metric([], sum(index.size(a) for a in index.addresses()))
+        weights = GaugeMetricFamily(
+            "extproc_split_weight_ratio",
+            "Configured share (0-1) of each arm of a weighted split route.",
+            labels=["route", "pool"],
+        )
+        for split in self._config.splits:
+            total = sum(b.weight for b in split.backends) or 1
+            route = f"{split.name}{names.SPLIT_ROUTE_SUFFIX}"
+            for backend in split.backends:
+                weights.add_metric([route, backend.pool], backend.weight / total)
+        yield from (waiting, running, pending, kv, up, age, scrapes, per_pod_queue, ready, avg_queue, avg_kv)
+        yield from (index_blocks, index_size, weights)

@@ -122,7 +122,8 @@ class Scheduler:
                 notes.append(f"{f.empty_reason}; failed open")
 
         hashes = request.prefix_hashes
-        if self._needs_prefix and hashes:
+        looked_up = self._needs_prefix and bool(hashes)
+        if looked_up:
             ctx.prefix_matches = self.prefix_index.match(hashes, [e.address for e in candidates])
         totals = [0.0] * len(candidates)
         for weight, scorer in self._scorers:
@@ -138,6 +139,8 @@ class Scheduler:
             reason="; ".join(notes),
             fail_open=fail_open,
             scores=dict(zip([e.address for e in candidates], totals, strict=True)),
+            prompt_blocks=len(hashes) if looked_up else 0,
+            matched_blocks=ctx.prefix_matches.get(picked.address, 0) if looked_up else 0,
         )
 
     def forget(self, address: str) -> None:

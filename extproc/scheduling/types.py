@@ -53,6 +53,8 @@ class Decision:
     reason: str = ""
     fail_open: bool = False  # a filter left nothing and was bypassed (e.g. every endpoint stale)
     scores: dict[str, float] = field(default_factory=dict)
+    prompt_blocks: int = 0  # the prompt's blocks, when a prefix scorer looked them up (else 0)
+    matched_blocks: int = 0  # of those, how many the index placed on the pick
 
     @property
     def routed(self) -> bool:
