@@ -134,10 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="extproc", description="Envoy ext_proc endpoint picker for vLLM, and its vLLM simulator."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from extproc import demo, up
+    from extproc import dashboards, demo, up
 
     demo.add_parser(sub)
     up.add_parser(sub)
+    dashboards.add_parser(sub)
     _add_serve(sub)
     _add_envoy_config(sub)
     _add_sim(sub)

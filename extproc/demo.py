@@ -93,6 +93,7 @@ import orjson
 
 from extproc import stats, up
 from extproc.names import POOL_RESPONSE_HEADER, ROUTING_US_HEADER, UPSTREAM_HOST_HEADER
+from extproc.prometheus import Prometheus, PrometheusMissing, find_prometheus, start_prometheus
 from extproc.stack import PoolSpec, Stack
 
 AB_ROUTE = "ab-test"
@@ -1323,6 +1324,7 @@ def curl_lines(gateway_port: int) -> str:
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     up.add_port_arguments(p)
+    up.add_prometheus_arguments(p)
     p.add_argument(
         "--duration",
         type=float,
@@ -1357,15 +1359,11 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             print("extproc demo: error: --report needs matplotlib: pip install matplotlib", file=sys.stderr)
             return 2
-    ports = {
-        "--port": args.port,
-        "--admin-port": args.admin_port,
-        "--extproc-port": args.extproc_port,
-        "--metrics-port": args.metrics_port,
-    }
     try:
-        up.check_ports_free(ports)
-    except up.PortTaken as exc:
+        if args.prometheus:
+            find_prometheus()  # a missing binary stops the demo before anything starts
+        up.check_ports_free(up.gateway_ports(args))
+    except (up.PortTaken, PrometheusMissing) as exc:
         print(f"extproc demo: error: {exc}", file=sys.stderr)
         return 2
 
@@ -1387,11 +1385,16 @@ def run(args: argparse.Namespace) -> int:
                 extproc_port=args.extproc_port,
                 metrics_port=args.metrics_port,
             )
+            prometheus = None
+            if args.prometheus:  # inside the start: a Ctrl-C now is handled as during the stack's start
+                _say("starting Prometheus ...")
+                prometheus = start_prometheus(stack, log_dir, args.prometheus_port)
+                prometheus.wait_targets_up()
             signals.starting = False
             if signals.requested:
                 _say("interrupted while starting")
                 return 130
-            return _demo(stack, args, signals)
+            return _demo(stack, args, signals, prometheus)
         except KeyboardInterrupt:
             _say("start aborted")
             return 130
@@ -1406,10 +1409,12 @@ def run(args: argparse.Namespace) -> int:
                 _say("stopped every process the demo started")
 
 
-def _demo(stack: Stack, args: argparse.Namespace, signals: _Signals) -> int:
+def _demo(stack: Stack, args: argparse.Namespace, signals: _Signals, prometheus: Prometheus | None = None) -> int:
     _say(up.describe(stack).split("\ntry:")[0])  # its curl examples come at the end, with the A/B route
     weights = " / ".join(f"{p} {w}%" for p, w in AB_WEIGHTS.items())
     _say(f"  A/B split /v1/{AB_ROUTE}/...: {weights}, sticky on {STICKY_HEADER}")
+    if prometheus is not None:
+        _say(prometheus.describe(stack))
     duration = DEFAULT_DURATION_S if args.duration is None else args.duration
     models = {spec.name: spec.model for spec in up.DEFAULT_POOLS}
     for name in models:
@@ -1453,6 +1458,8 @@ def _demo(stack: Stack, args: argparse.Namespace, signals: _Signals) -> int:
         _say("")
         _say(curl_lines(stack.gateway_port))
         _say(f"Envoy stats: http://localhost:{stack.admin_port}/stats/prometheus   picker: {stack.metrics_url}")
+        if prometheus is not None:
+            _say(f"Prometheus: http://localhost:{prometheus.port} (stops with the gateway)")
         _say("the gateway keeps running; Ctrl-C stops everything")
         while not signals.requested:
             time.sleep(0.2)

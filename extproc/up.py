@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from extproc.procs import port_free
+from extproc.prometheus import Prometheus, PrometheusError, PrometheusMissing, find_prometheus, start_prometheus
 from extproc.stack import PoolSpec, Stack
 
 DEFAULT_POOLS = (
@@ -22,12 +23,21 @@ DEFAULT_POOLS = (
 )
 
 
+# Prometheus's own default, 9090, is the picker's --metrics-port here; 9091 is the next one.
+PROMETHEUS_PORT = 9091
+
+
 class PortTaken(RuntimeError):
     pass
 
 
 def check_ports_free(ports: dict[str, int], host: str = "127.0.0.1") -> None:
-    """Fail before starting anything if a fixed port is in use, naming the option that moves it."""
+    """Fail before starting anything if a fixed port is in use or given twice, naming the option that moves it."""
+    owners: dict[int, str] = {}
+    for option, port in ports.items():
+        if port in owners:
+            raise PortTaken(f"port {port} is given to both {owners[port]} and {option}: choose another with {option}")
+        owners[port] = option
     for option, port in ports.items():
         if not port_free(port, host):
             raise PortTaken(f"port {port} on {host} is already in use: choose another with {option}")
@@ -41,17 +51,37 @@ def add_port_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-dir", type=Path, help="where process logs go (default: a new temporary folder)")
 
 
+def add_prometheus_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also run a real Prometheus (the `prometheus` binary) scraping Envoy, the picker and every simulator",
+    )
+    p.add_argument(
+        "--prometheus-port",
+        type=int,
+        default=PROMETHEUS_PORT,
+        help="Prometheus's port with --prometheus (not 9090: that is the picker's --metrics-port)",
+    )
+
+
+def gateway_ports(args: argparse.Namespace) -> dict[str, int]:
+    """The fixed ports of the gateway by the option that sets them; --prometheus-port only with --prometheus."""
+    ports = {
+        "--port": args.port,
+        "--admin-port": args.admin_port,
+        "--extproc-port": args.extproc_port,
+        "--metrics-port": args.metrics_port,
+    }
+    if getattr(args, "prometheus", False):
+        ports["--prometheus-port"] = args.prometheus_port
+    return ports
+
+
 def start_gateway(args: argparse.Namespace, pools: tuple[PoolSpec, ...] = DEFAULT_POOLS) -> Stack:
     from extproc.stack import start_stack
 
-    check_ports_free(
-        {
-            "--port": args.port,
-            "--admin-port": args.admin_port,
-            "--extproc-port": args.extproc_port,
-            "--metrics-port": args.metrics_port,
-        }
-    )
+    check_ports_free(gateway_ports(args))
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="extproc-"))
     replicas = sum(p.replicas for p in pools)
     print(f"starting {replicas} simulated vLLM replicas, the ext_proc and Envoy (logs in {log_dir}) ...", flush=True)
@@ -65,7 +95,7 @@ def start_gateway(args: argparse.Namespace, pools: tuple[PoolSpec, ...] = DEFAUL
     )
 
 
-def describe(stack: Stack) -> str:
+def describe(stack: Stack, prometheus: Prometheus | None = None) -> str:
     lines = [f"gateway: {stack.gateway}"]
     for name, replicas in stack.sims.items():
         pool = stack.config.pool(name)
@@ -74,6 +104,7 @@ def describe(stack: Stack) -> str:
     lines += [
         f"picker metrics: {stack.metrics_url}",
         f"Envoy stats:    http://127.0.0.1:{stack.admin_port}/stats/prometheus",
+        *([prometheus.describe(stack)] if prometheus is not None else []),
         "try:",
         f"  curl -s {stack.gateway}/v1/1b/chat/completions -H 'Content-Type: application/json' \\",
         """    -d '{"model": "llama-3-2-1b", "messages": [{"role": "user", "content": "Hello from 1B model!"}]}'""",
@@ -109,18 +140,30 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_port_arguments(p)
+    add_prometheus_arguments(p)
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.prometheus:
+            find_prometheus()  # a missing binary stops us before anything starts
         stack = start_gateway(args)
-    except PortTaken as exc:
+    except (PortTaken, PrometheusMissing) as exc:
         print(f"extproc up: error: {exc}", file=sys.stderr)
         return 2
     try:
-        print(describe(stack), flush=True)
+        prometheus = None
+        if args.prometheus:
+            print("starting Prometheus ...", flush=True)
+            try:
+                prometheus = start_prometheus(stack, stack.log_dir, args.prometheus_port)
+                prometheus.wait_targets_up()
+            except PrometheusError as exc:
+                print(f"extproc up: error: {exc}", file=sys.stderr)
+                return 1
+        print(describe(stack, prometheus), flush=True)
         print("running; Ctrl-C stops everything", flush=True)
         wait_until_stopped(args.duration)
     finally:
