@@ -42,12 +42,48 @@ def _check_endpoint(value: str) -> str:
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
+def parse_nameserver(value: str) -> tuple[str, int]:
+    """``ip`` (port 53) or ``ip:port`` / ``[v6]:port``: a DNS server to ask instead of the system resolver."""
+    text = value.strip()
+    try:
+        return str(ipaddress.ip_address(text.strip("[]"))), 53
+    except ValueError:
+        pass
+    try:
+        host, port = parse_host_port(text, "nameserver")
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        raise ValueError(
+            f"nameserver {value!r} must be an IP address, optionally with a port: 10.96.0.10 or 127.0.0.1:5353"
+        ) from None
+
+
 class DnsDiscovery(_Strict):
-    """Endpoints are the A/AAAA records of a (headless Service) name, re-resolved periodically."""
+    """Endpoints are the A/AAAA records of a (headless Service) name, re-resolved periodically.
+
+    ``nameservers`` (optional) asks these DNS servers directly, with the name taken as fully qualified, instead of
+    the system resolver (which applies /etc/hosts and the pod's search domains); Envoy's own DNS clusters then ask
+    the same servers.
+    """
 
     name: str = Field(min_length=1)
     port: int = Field(gt=0, lt=65536)
     interval: float = Field(default=5.0, gt=0, description="seconds between resolutions")
+    nameservers: list[str] | None = Field(default=None, min_length=1)
+
+    @field_validator("nameservers")
+    @classmethod
+    def _nameservers(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        out = []
+        for item in value:
+            ip, port = parse_nameserver(item)
+            out.append(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
+        return out
+
+    def nameserver_addresses(self) -> list[tuple[str, int]]:
+        return [parse_nameserver(n) for n in self.nameservers or ()]
 
 
 class PoolEndpoints(_Strict):

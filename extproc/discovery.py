@@ -30,6 +30,34 @@ async def default_resolver(host: str, port: int) -> Sequence[AddrInfo]:
     return await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
 
+def nameserver_resolver(nameservers: Sequence[tuple[str, int]], timeout: float = 2.0) -> Resolver:
+    """A resolver asking these DNS servers (dnspython), A and AAAA, shaped like ``loop.getaddrinfo``.
+
+    The name is taken as fully qualified (no search domains). NXDOMAIN or an unreachable server raise, so
+    discovery keeps the last membership; a name that exists with no address records resolves to nothing.
+    """
+    import dns.asyncresolver
+    import dns.resolver
+
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = [ip for ip, _port in nameservers]
+    resolver.nameserver_ports = {ip: port for ip, port in nameservers}
+    resolver.lifetime = timeout
+    resolver.cache = None  # re-resolution must see changes at once; the interval is the cache
+
+    async def resolve(host: str, port: int) -> Sequence[AddrInfo]:
+        infos: list[AddrInfo] = []
+        for rdtype, family in (("A", socket.AF_INET), ("AAAA", socket.AF_INET6)):
+            try:
+                answer = await resolver.resolve(host.rstrip(".") + ".", rdtype, search=False)
+            except dns.resolver.NoAnswer:
+                continue
+            infos.extend((family, socket.SOCK_STREAM, 6, "", (r.address, port)) for r in answer)
+        return infos
+
+    return resolve
+
+
 def format_address(host: str, port: int) -> str:
     """``ip:port``, IPv6 as ``[ip]:port``, normalised as the config normalises static endpoints."""
     ip = ipaddress.ip_address(host)
@@ -61,6 +89,7 @@ class Discovery:
         self._table = table
         self._pools: list[Pool] = list(config.pools)
         self._resolver: Resolver = resolver or default_resolver
+        self._pool_resolvers: dict[str, Resolver] = {}  # pools with their own nameservers
         self._resolve_timeout = resolve_timeout
         self._tasks: list[asyncio.Task[None]] = []
         self._failing: set[str] = set()  # pools in a streak of failed resolutions (warned once)
@@ -92,11 +121,20 @@ class Discovery:
             await asyncio.sleep(dns.interval)
             await self.refresh(pool, dns)
 
+    def _resolver_for(self, pool: str, dns: DnsDiscovery) -> Resolver:
+        if dns.nameservers is None:
+            return self._resolver
+        resolver = self._pool_resolvers.get(pool)
+        if resolver is None:
+            resolver = self._pool_resolvers[pool] = nameserver_resolver(dns.nameserver_addresses())
+        return resolver
+
     async def refresh(self, pool: str, dns: DnsDiscovery) -> bool:
         """Resolve once and apply the answer; on failure keep the membership. Returns whether it resolved."""
         stats = self.stats.setdefault(pool, {"resolutions": 0, "failures": 0, "last_error": "", "endpoints": 0})
+        resolve = self._resolver_for(pool, dns)
         try:
-            infos = await asyncio.wait_for(self._resolver(dns.name, dns.port), self._resolve_timeout)
+            infos = await asyncio.wait_for(resolve(dns.name, dns.port), self._resolve_timeout)
             addresses = addresses_from_addrinfo(infos, dns.port)
         except asyncio.CancelledError:
             raise

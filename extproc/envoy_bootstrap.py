@@ -218,6 +218,16 @@ def _pool_cluster(pool: Pool, fallback: Fallback, eds_dir: str | None = None) ->
         dns_lookup_family=dns_common.DnsLookupFamily.ALL,
         all_addresses_in_single_endpoint=False,
     )
+    if dns.nameservers is not None:  # the same DNS servers the ext_proc asks
+        from envoy_data_plane.envoy.extensions.network.dns_resolver.cares import v3 as cares
+
+        resolver = cares.CaresDnsResolverConfig(
+            resolvers=[
+                core.Address(socket_address=core.SocketAddress(address=ip, port_value=port))
+                for ip, port in dns.nameserver_addresses()
+            ]
+        )
+        discovery.typed_dns_resolver_config = _typed("envoy.network.dns_resolver.cares", resolver)
     return cluster.Cluster(
         cluster_type=cluster.ClusterCustomClusterType(name="envoy.clusters.dns", typed_config=AnyProto.pack(discovery)),
         load_assignment=_load_assignment(
