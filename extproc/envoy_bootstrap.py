@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import ipaddress
 import sys
 import warnings
 from collections.abc import Sequence
@@ -253,13 +254,37 @@ def write_initial_eds(config: Config, eds_dir: str) -> list[Path]:
     return written
 
 
+def _is_hostname(address: str) -> bool:
+    if address.startswith("unix:"):
+        return False
+    host, _port = parse_host_port(address)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return False
+
+
 def _ext_proc_cluster(address: str) -> cluster.Cluster:
+    """A STATIC cluster for an IP or unix socket; for a name (a compose service, a Kubernetes Service) DNS, one
+    logical host re-resolved every few seconds, so the ext_proc can move without an Envoy restart."""
+    common: dict[str, Any] = {
+        "name": EXT_PROC_CLUSTER,
+        "connect_timeout": _seconds(0.25),
+        "typed_extension_protocol_options": _protocol_options(http2=True),
+        "load_assignment": _load_assignment(EXT_PROC_CLUSTER, [_address(address)]),
+    }
+    if not _is_hostname(address):
+        return cluster.Cluster(type=cluster.ClusterDiscoveryType.STATIC, **common)
+    discovery = dns_cluster.DnsCluster(
+        dns_refresh_rate=_seconds(5),
+        respect_dns_ttl=False,
+        dns_lookup_family=dns_common.DnsLookupFamily.V4_PREFERRED,
+        all_addresses_in_single_endpoint=True,  # logical DNS: one connection target, whichever address answers
+    )
     return cluster.Cluster(
-        name=EXT_PROC_CLUSTER,
-        type=cluster.ClusterDiscoveryType.STATIC,
-        connect_timeout=_seconds(0.25),
-        typed_extension_protocol_options=_protocol_options(http2=True),
-        load_assignment=_load_assignment(EXT_PROC_CLUSTER, [_address(address)]),
+        cluster_type=cluster.ClusterCustomClusterType(name="envoy.clusters.dns", typed_config=AnyProto.pack(discovery)),
+        **common,
     )
 
 

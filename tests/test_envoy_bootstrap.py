@@ -32,6 +32,7 @@ from extproc.eds import write_eds
 from extproc.envoy_bootstrap import add_parser, build_bootstrap, main, render_bootstrap
 from extproc.envoy_run import start_envoy, validate_bootstrap
 from extproc.procs import Child, free_port, start_sim
+from extproc.stack import PoolSpec, start_stack
 from tests.helpers import get, metrics, post
 
 with warnings.catch_warnings():  # envoy-data-plane's classes trip pydantic deprecation warnings on import
@@ -607,3 +608,29 @@ def test_routing_time_header_includes_the_ext_proc(up: Stack) -> None:
     fast, slow = routing_us(0), routing_us(20)
     assert 0 < fast < 20_000, fast
     assert 15_000 < slow - fast < 50_000, (fast, slow)  # ~20,800 measured
+
+
+def test_ext_proc_by_hostname_goes_through_dns(tmp_path: Path) -> None:
+    """A name such as a compose service or Kubernetes Service: Envoy resolves it and the picks still arrive."""
+    stack = start_stack(tmp_path, [PoolSpec("1b", "llama-3-2-1b", 2, ("--time-scale", "0"))])
+    try:
+        # Same picker, reached as localhost:PORT instead of 127.0.0.1:PORT: restart Envoy with that bootstrap.
+        port = stack.config.server.listen.rsplit(":", 1)[1]
+        assert stack.envoy is not None
+        stack.envoy.stop()
+        bootstrap = build_bootstrap(
+            stack.config,
+            listen=f"127.0.0.1:{stack.gateway_port}",
+            admin=f"127.0.0.1:{stack.admin_port}",
+            ext_proc=f"localhost:{port}",
+        )
+        clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
+        assert clusters["extproc"]["cluster_type"]["name"] == "envoy.clusters.dns"
+        stack.envoy = start_envoy(bootstrap, tmp_path, stack.admin_port)
+        body = {"model": "llama-3-2-1b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for _ in range(4):
+            reply = post(f"{stack.gateway}/v1/1b/chat/completions", body)
+            assert reply.status == 200
+            assert reply.headers["x-gateway-picked-endpoint"].split(",")[0] == reply.headers["x-gateway-upstream-host"]
+    finally:
+        stack.stop()
