@@ -122,7 +122,9 @@ def wait_until_stopped(duration: float | None) -> None:
         nonlocal stop
         stop = True
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    # SIGINT too, explicitly: a process started from a background shell job inherits SIGINT ignored, and Python
+    # then never raises KeyboardInterrupt.
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     deadline = None if duration is None else time.monotonic() + duration
     try:
         while not stop and (deadline is None or time.monotonic() < deadline):
@@ -130,7 +132,8 @@ def wait_until_stopped(duration: float | None) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

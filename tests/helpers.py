@@ -90,3 +90,14 @@ async def stream_chat(base: str, body: dict[str, Any]) -> tuple[float, list[dict
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+def prometheus_missing() -> str | None:
+    """Why there is no prometheus binary to start (the install hint), or None when there is one."""
+    from extproc.prometheus import PrometheusMissing, find_prometheus
+
+    try:
+        find_prometheus()
+    except PrometheusMissing as exc:
+        return f"no prometheus binary (sudo apt-get install prometheus): {exc}"
+    return None

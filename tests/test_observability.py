@@ -17,23 +17,16 @@ import pytest
 
 from extproc.dashboards import AB_SHARE_TITLE, panel_queries
 from extproc.demo import AB_ROUTE, AB_WEIGHTS, SPLIT_SETTINGS
-from extproc.prometheus import Prometheus, PrometheusMissing, find_prometheus, start_prometheus
+from extproc.prometheus import Prometheus, start_prometheus
 from extproc.stack import Stack, start_stack
 from extproc.up import DEFAULT_POOLS
+from tests.helpers import prometheus_missing
 
 AB_REQUESTS = 3000  # 70/30 draws: standard error 0.84 points, so the 3-point check is a 3.6-sigma band
 
 
-def _missing() -> str | None:
-    try:
-        find_prometheus()
-    except PrometheusMissing as exc:
-        return str(exc)
-    return None
-
-
-MISSING = _missing()
-pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"needs a prometheus binary: {MISSING}")
+MISSING = prometheus_missing()
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 
 
 @pytest.fixture(scope="module")

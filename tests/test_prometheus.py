@@ -25,23 +25,13 @@ from extproc.prometheus import (
     start_prometheus,
 )
 from extproc.stack import PoolSpec, SimReplica, Stack, start_stack
-from tests.helpers import post
+from tests.helpers import post, prometheus_missing
 
 MODELS = {"1b": "llama-3-2-1b", "3b": "llama-3-2-3b"}
 
 
-def _have_prometheus() -> str | None:
-    try:
-        find_prometheus()
-    except PrometheusMissing as exc:
-        return str(exc)
-    return None
-
-
-MISSING = _have_prometheus()
-needs_prometheus = pytest.mark.skipif(
-    MISSING is not None, reason=f"no prometheus binary (sudo apt-get install prometheus): {MISSING}"
-)
+MISSING = prometheus_missing()
+needs_prometheus = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 
 
 def _fake_stack(tmp_path: Path) -> Stack:
@@ -163,7 +153,7 @@ def test_the_prometheus_port_is_checked_with_the_others(tmp_path: Path, clash: s
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     if MISSING is not None:
-        pytest.skip(f"no prometheus binary (sudo apt-get install prometheus): {MISSING}")
+        pytest.skip(MISSING)
     pools = [PoolSpec(name, model, 1, ("--time-scale", "0")) for name, model in MODELS.items()]
     stack = start_stack(tmp_path / "logs", pools)
     try:
