@@ -39,8 +39,12 @@ def test_up_serves_both_pools_and_stops_everything(tmp_path) -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # the test failed midway: let `up` stop its children, then make sure it is gone
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     time.sleep(0.5)
     assert all(port_free(p) for p in [*ports.values(), *sim_ports])
 
