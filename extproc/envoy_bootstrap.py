@@ -71,6 +71,7 @@ with warnings.catch_warnings():
     from envoy_data_plane.google.protobuf import Any as AnyProto
     from envoy_data_plane.google.protobuf import Struct
 
+from extproc import names
 from extproc.names import (
     DEFAULT_ROUTE,
     DESTINATION_KEY,
@@ -80,7 +81,6 @@ from extproc.names import (
     POOL_METADATA,
     POOL_RESPONSE_HEADER,
     ROUTING_US_HEADER,
-    SPLIT_ROUTE_SUFFIX,
     UPSTREAM_HOST_HEADER,
 )
 
@@ -328,7 +328,7 @@ def _pool_metadata(pool: str) -> dict[str, AnyProto]:
 
 
 def split_route_name(split: Split | str) -> str:
-    return f"{split if isinstance(split, str) else split.name}{SPLIT_ROUTE_SUFFIX}"
+    return names.split_route_name(split if isinstance(split, str) else split.name)
 
 
 def _split_route(split: Split, timeout: datetime.timedelta) -> route.Route:

@@ -10,7 +10,6 @@ SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 POOL_HEADER = "x-extproc-pool"  # set for model-based routing; header routes match on it
 POOL_METADATA = "x-pool"  # gRPC initial metadata a path route or weighted cluster sets: the pool Envoy chose
 CLUSTER_PREFIX = "pool-"  # Envoy cluster of pool NAME is pool-NAME
-SPLIT_ROUTE_SUFFIX = "-split"  # Envoy route of split NAME is NAME-split
 DEFAULT_ROUTE = "default"  # the route taken before the ext_proc has decided; its cluster means nothing
 CLUSTER_ATTRIBUTE = "xds.cluster_name"
 ROUTE_ATTRIBUTE = "xds.route_name"
@@ -20,3 +19,8 @@ UPSTREAM_HOST_HEADER = "x-gateway-upstream-host"
 PICKED_HEADER = "x-gateway-picked-endpoint"
 POOL_RESPONSE_HEADER = "x-gateway-pool"  # the pool whose cluster served the request, e.g. "1b"
 ROUTING_US_HEADER = "x-gateway-routing-us"  # microseconds from the request's last byte to the upstream send
+
+
+def split_route_name(split: str) -> str:
+    """The Envoy route (and its stat prefix, and the picker's ``route`` label) of the split named ``split``."""
+    return f"{split}-split"

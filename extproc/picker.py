@@ -17,7 +17,7 @@ from extproc.endpoints import EndpointTable
 from extproc.openai import ParsedRequest, RequestError, parse_body
 from extproc.scheduling import Decision, RoutingRequest
 from extproc.scheduling.scheduler import Scheduler
-from extproc.telemetry import Telemetry, route_label
+from extproc.telemetry import BY_MODEL_ROUTE, Telemetry, route_label
 
 _WANTED_HEADERS = frozenset((":path", ":method"))
 AUTO_MODEL = "auto"  # "any model": the pool is left to the route (e.g. the A/B split)
@@ -32,6 +32,7 @@ class StreamState:
     path: str = ""
     method: str = ""
     attributes: dict[str, str] = field(default_factory=dict)
+    route: str = BY_MODEL_ROUTE  # the metrics' route label, from the route attribute
     subset: frozenset[str] | None = None
 
 
@@ -64,6 +65,7 @@ class EndpointPicker:
         state.path = headers.get(":path", "")
         state.method = headers.get(":method", "")
         state.attributes = protocol.attributes(request)
+        state.route = route_label(state.attributes.get(names.ROUTE_ATTRIBUTE))
         state.subset = protocol.subset_hint(request)
         if not request.request_headers.end_of_stream:
             return protocol.passthrough("request_headers")  # the body carries the prompt: pick then
@@ -162,7 +164,7 @@ class EndpointPicker:
             pool.name,
             asked,
             model or "",
-            route_label(state.attributes.get(names.ROUTE_ATTRIBUTE)),
+            state.route,
             decision.endpoints[0],
             decision.fail_open,
             decision.prompt_blocks,
@@ -177,6 +179,5 @@ class EndpointPicker:
         # the series.
         asked = model if model in self._pool_by_model or model == AUTO_MODEL else ""
         served = self._pools[pool].served_name if pool in self._pools else ""
-        route = route_label(state.attributes.get(names.ROUTE_ATTRIBUTE))
-        self.telemetry.refused(pool, asked, served, route, error.status)
+        self.telemetry.refused(pool, asked, served, state.route, error.status)
         return protocol.immediate(error.status, error.body(), f"extproc_{error.status}")

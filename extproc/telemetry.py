@@ -286,7 +286,7 @@ class StateCollector:
         )
         for split in self._config.splits:
             total = sum(b.weight for b in split.backends) or 1
-            route = f"{split.name}{names.SPLIT_ROUTE_SUFFIX}"
+            route = names.split_route_name(split.name)
             for backend in split.backends:
                 weights.add_metric([route, backend.pool], backend.weight / total)
         yield from (waiting, running, pending, kv, up, age, scrapes, per_pod_queue, ready, avg_queue, avg_kv)

@@ -6,6 +6,7 @@ import asyncio
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,3 +102,12 @@ def prometheus_missing() -> str | None:
     except PrometheusMissing as exc:
         return f"no prometheus binary (sudo apt-get install prometheus): {exc}"
     return None
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll ``condition`` on the running event loop until it holds, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.005)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -15,15 +15,7 @@ from extproc.config import Config, DnsDiscovery, Pool, PoolEndpoints, Scrape
 from extproc.discovery import Discovery, addresses_from_addrinfo, default_resolver, format_address
 from extproc.endpoints import EndpointTable
 from extproc.scrape import Scraper
-from tests.helpers import run
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
+from tests.helpers import run, wait_until
 
 
 def addresses(table: EndpointTable, pool: str) -> list[str]:

@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import statistics
 import time
-from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -16,17 +15,9 @@ from extproc.config import Config, MetricsSource, Pool, PoolEndpoints, Scrape
 from extproc.endpoints import EndpointTable
 from extproc.scheduling.types import EndpointState
 from extproc.scrape import MetricsParseError, Scraper, metrics_url, parse_vllm_metrics
-from tests.helpers import get, post, run
+from tests.helpers import get, post, run, wait_until
 
 FAST = Scrape(interval=0.05, timeout=0.3)
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def config(scrape: Scrape = FAST, metrics: dict[str, MetricsSource] | None = None) -> Config:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +16,7 @@ from extproc.endpoints import EndpointTable
 from extproc.prefix import PrefixIndex
 from extproc.stack import PoolSpec, Stack, start_stack
 from extproc.telemetry import StateCollector, Telemetry
+from tests.helpers import post
 
 SPLIT = {"name": "ab-test", "backends": [{"pool": "1b", "weight": 70}, {"pool": "3b", "weight": 30}]}
 MODELS = {"1b": "llama-3-2-1b", "3b": "llama-3-2-3b"}
@@ -59,15 +59,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         s.stop()
 
 
-def post(stack: Stack, path: str, body: bytes | dict[str, object]) -> int:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(stack.gateway + path, data, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            response.read()
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
+def send(stack: Stack, path: str, body: bytes | dict[str, object]) -> int:
+    return post(stack.gateway + path, body, timeout=10).status
 
 
 def chat(model: str, text: str) -> dict[str, object]:
@@ -99,12 +92,12 @@ def send_batch(stack: Stack, tag: str) -> dict[str, int]:
     long_system = "You are a careful assistant. " * 80  # ~2,400 characters: many prefix blocks
     for i in range(10):
         text = f"{tag} question {i}: " + "tell me about caching " * 5
-        statuses[f"1b-{i}"] = post(stack, "/v1/1b/chat/completions", chat(MODELS["1b"], long_system + text))
-        statuses[f"3b-{i}"] = post(stack, "/v1/3b/chat/completions", chat(MODELS["3b"], text))
-        statuses[f"model-{i}"] = post(stack, "/v1/chat/completions", chat(MODELS["3b"], text))
-        statuses[f"ab-{i}"] = post(stack, "/v1/ab-test/chat/completions", chat("auto", text))
-        statuses[f"unknown-{i}"] = post(stack, "/v1/chat/completions", chat(f"invented-{tag}-{i}", text))
-        statuses[f"bad-{i}"] = post(stack, "/v1/1b/chat/completions", f"{{not json {tag} {i}".encode())
+        statuses[f"1b-{i}"] = send(stack, "/v1/1b/chat/completions", chat(MODELS["1b"], long_system + text))
+        statuses[f"3b-{i}"] = send(stack, "/v1/3b/chat/completions", chat(MODELS["3b"], text))
+        statuses[f"model-{i}"] = send(stack, "/v1/chat/completions", chat(MODELS["3b"], text))
+        statuses[f"ab-{i}"] = send(stack, "/v1/ab-test/chat/completions", chat("auto", text))
+        statuses[f"unknown-{i}"] = send(stack, "/v1/chat/completions", chat(f"invented-{tag}-{i}", text))
+        statuses[f"bad-{i}"] = send(stack, "/v1/1b/chat/completions", f"{{not json {tag} {i}".encode())
     return statuses
 
 
@@ -234,7 +227,7 @@ def test_endpoint_series_leave_with_the_endpoint() -> None:
 
 
 def test_routes_get_readable_envoy_stats(stack: Stack) -> None:
-    post(stack, "/v1/ab-test/chat/completions", chat("auto", "hello"))
+    send(stack, "/v1/ab-test/chat/completions", chat("auto", "hello"))
     text = urllib.request.urlopen(f"http://127.0.0.1:{stack.admin_port}/stats/prometheus", timeout=5).read().decode()
     assert 'envoy_vhost_route_upstream_rq_total{envoy_virtual_host="gateway",envoy_route="ab-test-split"}' in text
     assert 'envoy_cluster_upstream_rq_total{envoy_cluster_name="pool-1b"}' in text
