@@ -91,7 +91,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from extproc import stats, up
+from extproc import promtext, stats, up
 from extproc.names import POOL_RESPONSE_HEADER, ROUTING_US_HEADER, UPSTREAM_HOST_HEADER
 from extproc.prometheus import Prometheus, PrometheusMissing, find_prometheus, start_prometheus
 from extproc.stack import PoolSpec, Stack
@@ -559,12 +559,6 @@ _SIM_SAMPLES = (
 )
 
 
-def _parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return [(s.name, dict(s.labels), s.value) for f in text_string_to_metric_families(text) for s in f.samples]
-
-
 async def _get_text(session: aiohttp.ClientSession, url: str) -> str | None:
     try:
         async with session.get(url) as response:
@@ -584,12 +578,8 @@ async def snapshot(stack: Stack) -> Snapshot:
             _get_text(session, envoy_url),
         )
     for replica, text in zip(replicas, texts[: len(replicas)], strict=True):
-        values: dict[str, float] = defaultdict(float)
-        for name, _labels, value in _parse_prometheus(text or ""):
-            if name in _SIM_SAMPLES:
-                values[name] += value
-        snap.sims[replica.address] = dict(values)
-    snap.picker = _parse_prometheus(texts[-2] or "")
+        snap.sims[replica.address] = promtext.sum_samples(text or "", _SIM_SAMPLES)
+    snap.picker = promtext.samples(texts[-2] or "")
     with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
         for item in orjson.loads(texts[-1] or b"{}").get("stats", []):
             histograms = item.get("histograms") if isinstance(item, dict) else None

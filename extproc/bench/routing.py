@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import signal
@@ -44,6 +43,7 @@ import aiohttp
 import orjson
 import yaml
 
+from extproc import promtext
 from extproc.bench.workloads import MODEL, WORKLOADS, Workload, describe, make_workload
 from extproc.names import PICKED_HEADER, UPSTREAM_HOST_HEADER
 from extproc.stats import percentile
@@ -221,19 +221,6 @@ _COUNTERS = (
 )
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Sum of every sample of the names in ``_COUNTERS`` (over their labels)."""
-    out = dict.fromkeys(_COUNTERS, 0.0)
-    for line in text.splitlines():
-        if not line.startswith("vllm:"):
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in out:
-            with contextlib.suppress(ValueError, IndexError):
-                out[name] += float(line.rsplit(" ", 1)[1])
-    return out
-
-
 def _get(url: str, timeout: float = 5.0) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return bytes(response.read())
@@ -252,7 +239,7 @@ def _post(url: str, body: bytes, timeout: float = 10.0) -> tuple[int, dict[str, 
 
 
 def _replica_metrics(bases: Sequence[str]) -> dict[str, dict[str, float]]:
-    return {base: parse_metrics(_get(f"{base}/metrics").decode()) for base in bases}
+    return {base: promtext.sum_samples(_get(f"{base}/metrics").decode(), _COUNTERS) for base in bases}
 
 
 def _wait_idle(bases: Sequence[str], timeout: float = 120.0) -> None:
@@ -342,7 +329,7 @@ class CellRun:
 async def _scrape_all(session: aiohttp.ClientSession, bases: Sequence[str]) -> dict[str, dict[str, float]]:
     async def one(base: str) -> tuple[str, dict[str, float]]:
         async with session.get(f"{base}/metrics") as response:
-            return base, parse_metrics(await response.text())
+            return base, promtext.sum_samples(await response.text(), _COUNTERS)
 
     return dict(await asyncio.gather(*(one(b) for b in bases)))
 
