@@ -107,14 +107,14 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 0
     from pathlib import Path
 
-    from extproc.server import run
+    from extproc.gateway.server import run
 
     return run(config, Path(args.config))
 
 
 def _add_envoy_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     # Envoy's typed config classes take a second to import, so the real parser lives in
-    # extproc.envoy_bootstrap and is only loaded when this command runs.
+    # extproc.envoy.bootstrap and is only loaded when this command runs.
     p = sub.add_parser(
         "envoy-config",
         help="write the Envoy bootstrap for a configuration (see `extproc envoy-config --help`)",
@@ -124,7 +124,7 @@ def _add_envoy_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _envoy_config(argv: Sequence[str]) -> int:
-    from extproc.envoy_bootstrap import main as envoy_config_main
+    from extproc.envoy.bootstrap import main as envoy_config_main
 
     return envoy_config_main(argv)
 
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="extproc", description="Envoy ext_proc endpoint picker for vLLM, and its vLLM simulator."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from extproc import dashboards, demo, up
+    from extproc.local import dashboards, demo, up
 
     demo.add_parser(sub)
     up.add_parser(sub)

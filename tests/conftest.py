@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.procs import Child, free_port, start_sim
+from extproc.local.procs import Child, free_port, start_sim
 
 
 class Sim:

@@ -95,7 +95,7 @@ def run(coro: Any) -> Any:
 
 def prometheus_missing() -> str | None:
     """Why there is no prometheus binary to start (the install hint), or None when there is one."""
-    from extproc.prometheus import PrometheusMissing, find_prometheus
+    from extproc.local.prometheus import PrometheusMissing, find_prometheus
 
     try:
         find_prometheus()

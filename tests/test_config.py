@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from extproc.config import ConfigError, load_config, parse_config
-from extproc.procs import extproc_argv
+from extproc.local.procs import extproc_argv
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "config.yaml"
 

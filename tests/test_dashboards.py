@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from extproc import cli
-from extproc.dashboards import (
+from extproc.local.dashboards import (
     AB_SHARE_TITLE,
     DEFAULT_OUT,
     build_dashboards,

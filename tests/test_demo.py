@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.procs import extproc_argv, free_port, port_free
+from extproc.local.procs import extproc_argv, free_port, port_free
 
 PORT_OPTIONS = ("--port", "--admin-port", "--extproc-port", "--metrics-port")
 CHARTS = ("requests.png", "latency.png", "ab_split.png", "cache_hit_rate.png", "routing_overhead.png", "traffic.png")

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from extproc.config import Config, DnsDiscovery, Pool, PoolEndpoints, Scrape
-from extproc.discovery import Discovery, addresses_from_addrinfo, default_resolver, format_address
-from extproc.endpoints import EndpointTable
-from extproc.scrape import Scraper
+from extproc.datalayer.discovery import Discovery, addresses_from_addrinfo, default_resolver, format_address
+from extproc.datalayer.scrape import Scraper
+from extproc.datalayer.table import EndpointTable
 from tests.helpers import run, wait_until
 
 
@@ -134,7 +134,7 @@ def test_static_pools_are_applied_once() -> None:
 
 
 def test_dns_adds_removes_and_keeps_the_last_set_on_failure(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="extproc.discovery")
+    caplog.set_level(logging.INFO, logger="extproc.datalayer.discovery")
     table = EndpointTable()
     resolver = FakeResolver("10.0.0.1", "fd00::1")
     pool = dns_pool()

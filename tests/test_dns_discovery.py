@@ -23,10 +23,10 @@ from dnslib import QTYPE, RCODE, RR, A
 from dnslib.server import BaseResolver, DNSServer
 
 from extproc.config import parse_config
-from extproc.discovery import nameserver_resolver
-from extproc.envoy_bootstrap import build_bootstrap
-from extproc.envoy_run import cluster_members, start_envoy, wait_for_members
-from extproc.procs import Child, extproc_argv, free_port, start_sim
+from extproc.datalayer.discovery import nameserver_resolver
+from extproc.envoy.bootstrap import build_bootstrap
+from extproc.envoy.run import cluster_members, start_envoy, wait_for_members
+from extproc.local.procs import Child, extproc_argv, free_port, start_sim
 from tests.helpers import post
 
 SERVICE = "vllm-llama-3-2-1b.llm-d.svc.cluster.local"

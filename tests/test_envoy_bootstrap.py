@@ -28,11 +28,11 @@ import pytest
 import yaml
 
 from extproc.config import Config, load_config, parse_config
-from extproc.eds import write_eds
-from extproc.envoy_bootstrap import add_parser, build_bootstrap, main, render_bootstrap
-from extproc.envoy_run import start_envoy, validate_bootstrap
-from extproc.procs import Child, free_port, start_sim
-from extproc.stack import PoolSpec, start_stack
+from extproc.datalayer.eds import write_eds
+from extproc.envoy.bootstrap import add_parser, build_bootstrap, main, render_bootstrap
+from extproc.envoy.run import start_envoy, validate_bootstrap
+from extproc.local.procs import Child, free_port, start_sim
+from extproc.local.stack import PoolSpec, start_stack
 from tests.helpers import get, metrics, post
 
 with warnings.catch_warnings():  # envoy-data-plane's classes trip pydantic deprecation warnings on import

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 import yaml
 
-from extproc.procs import free_port, start_sim
-from extproc.stack import PoolSpec, SimReplica, Stack, start_stack
+from extproc.local.procs import free_port, start_sim
+from extproc.local.stack import PoolSpec, SimReplica, Stack, start_stack
 from tests.helpers import post, request
 
 MODELS = {"1b": "llama-3-2-1b", "3b": "llama-3-2-3b"}

@@ -40,8 +40,8 @@ import yaml
 
 from extproc import cli, names
 from extproc.config import load_config
-from extproc.envoy_run import EnvoyNotFound, envoy_binary
-from extproc.procs import Child, extproc_argv, free_port
+from extproc.envoy.run import EnvoyNotFound, envoy_binary
+from extproc.local.procs import Child, extproc_argv, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"

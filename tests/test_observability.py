@@ -15,11 +15,11 @@ import aiohttp
 import orjson
 import pytest
 
-from extproc.dashboards import AB_SHARE_TITLE, panel_queries
-from extproc.demo import AB_ROUTE, AB_WEIGHTS, SPLIT_SETTINGS
-from extproc.prometheus import Prometheus, start_prometheus
-from extproc.stack import Stack, start_stack
-from extproc.up import DEFAULT_POOLS
+from extproc.local.dashboards import AB_SHARE_TITLE, panel_queries
+from extproc.local.demo import AB_ROUTE, AB_WEIGHTS, SPLIT_SETTINGS
+from extproc.local.prometheus import Prometheus, start_prometheus
+from extproc.local.stack import Stack, start_stack
+from extproc.local.up import DEFAULT_POOLS
 from tests.helpers import prometheus_missing
 
 AB_REQUESTS = 3000  # 70/30 draws: standard error 0.84 points, so the 3-point check is a 3.6-sigma band

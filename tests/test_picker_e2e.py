@@ -16,8 +16,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.envoy_run import envoy_binary
-from extproc.stack import PoolSpec, Stack, start_stack
+from extproc.envoy.run import envoy_binary
+from extproc.local.stack import PoolSpec, Stack, start_stack
 from tests.helpers import metrics, post, request
 
 try:

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from extproc.config import parse_config
-from extproc.procs import Child, extproc_argv, free_port
-from extproc.prometheus import (
+from extproc.local.procs import Child, extproc_argv, free_port
+from extproc.local.prometheus import (
     INSTALL_HINT,
     Prometheus,
     PrometheusError,
@@ -24,7 +24,7 @@ from extproc.prometheus import (
     scrape_config,
     start_prometheus,
 )
-from extproc.stack import PoolSpec, SimReplica, Stack, start_stack
+from extproc.local.stack import PoolSpec, SimReplica, Stack, start_stack
 from tests.helpers import post, prometheus_missing
 
 MODELS = {"1b": "llama-3-2-1b", "3b": "llama-3-2-3b"}

@@ -14,7 +14,7 @@ from google.protobuf.struct_pb2 import Struct
 from extproc import names
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-from extproc.procs import Child, extproc_argv, free_port
+from extproc.local.procs import Child, extproc_argv, free_port
 
 POOL_A = ["127.0.0.1:1", "127.0.0.1:2"]  # nothing listens: scrapes fail, and health fails open
 POOL_B = ["127.0.0.1:3", "127.0.0.1:4"]

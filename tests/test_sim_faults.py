@@ -63,7 +63,7 @@ def test_bad_fault_settings_are_refused(start_simulator) -> None:
 def test_bad_cli_settings_exit_with_a_clear_message(tmp_path) -> None:
     import subprocess
 
-    from extproc.procs import extproc_argv
+    from extproc.local.procs import extproc_argv
 
     for args, needle in (
         (["--block-size", "0"], "--block-size"),
@@ -80,7 +80,7 @@ def test_bad_cli_settings_exit_with_a_clear_message(tmp_path) -> None:
 def test_port_in_use_is_reported(start_simulator) -> None:
     import subprocess
 
-    from extproc.procs import extproc_argv
+    from extproc.local.procs import extproc_argv
 
     s = start_simulator("--time-scale", "0")
     done = subprocess.run(

@@ -12,10 +12,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.config import parse_config
-from extproc.endpoints import EndpointTable
-from extproc.prefix import PrefixIndex
-from extproc.stack import PoolSpec, Stack, start_stack
-from extproc.telemetry import StateCollector, Telemetry
+from extproc.datalayer.table import EndpointTable
+from extproc.gateway.telemetry import StateCollector, Telemetry
+from extproc.local.stack import PoolSpec, Stack, start_stack
+from extproc.scheduling.prefix.index import PrefixIndex
 from tests.helpers import post
 
 SPLIT = {"name": "ab-test", "backends": [{"pool": "1b", "weight": 70}, {"pool": "3b", "weight": 30}]}

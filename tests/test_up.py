@@ -7,7 +7,7 @@ import socket
 import subprocess
 import time
 
-from extproc.procs import extproc_argv, free_port, port_free
+from extproc.local.procs import extproc_argv, free_port, port_free
 from tests.helpers import post
 
 

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from extproc import protocol
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from extproc.gateway import protocol
 
 
 class NoopProcessor(ep_grpc.ExternalProcessorServicer):

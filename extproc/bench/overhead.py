@@ -30,7 +30,7 @@ import grpc
 import orjson
 
 from extproc.bench.loadgen import LoadResult, closed_loop
-from extproc.procs import Child, free_port
+from extproc.local.procs import Child, free_port
 
 MODEL = "bench-model"
 
@@ -107,7 +107,7 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, duration: float)
 
 
 def _without_ext_proc(bootstrap: dict[str, Any]) -> dict[str, Any]:
-    from extproc.envoy_bootstrap import EXT_PROC_FILTER
+    from extproc.envoy.bootstrap import EXT_PROC_FILTER
 
     for listener in bootstrap["static_resources"]["listeners"]:
         for chain in listener["filter_chains"]:
@@ -119,9 +119,9 @@ def _without_ext_proc(bootstrap: dict[str, Any]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     # Envoy's typed config classes take a second to import: only when this benchmark runs.
-    from extproc.envoy_bootstrap import build_bootstrap
-    from extproc.envoy_run import start_envoy
-    from extproc.stack import PoolSpec, start_stack
+    from extproc.envoy.bootstrap import build_bootstrap
+    from extproc.envoy.run import start_envoy
+    from extproc.local.stack import PoolSpec, start_stack
 
     log_dir = Path(tempfile.mkdtemp(prefix="extproc-bench-overhead-"))
     bodies = _bodies(512, args.body_bytes)

@@ -43,13 +43,13 @@ import aiohttp
 import orjson
 import yaml
 
-from extproc import promtext
 from extproc.bench.workloads import MODEL, WORKLOADS, Workload, describe, make_workload
+from extproc.local import promtext
 from extproc.names import PICKED_HEADER, UPSTREAM_HOST_HEADER
 from extproc.stats import percentile
 
 if TYPE_CHECKING:
-    from extproc.stack import Stack
+    from extproc.local.stack import Stack
 
 # The policies of extproc/scheduling/scheduler.py's docstring, as `scheduler:` sections.
 # "default" is the empty section: whatever the code's defaults are when the benchmark runs.
@@ -627,7 +627,7 @@ def _minutes(seconds: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from extproc.stack import PoolSpec, start_stack
+    from extproc.local.stack import PoolSpec, start_stack
 
     t0 = time.monotonic()
     if args.replicas < 1 or args.time_scale <= 0 or not 0 <= args.warmup_share < 1 or args.max_tokens < 1:

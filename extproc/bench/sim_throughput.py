@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 
 from extproc.bench.loadgen import closed_loop
-from extproc.procs import free_port, start_sim
+from extproc.local.procs import free_port, start_sim
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

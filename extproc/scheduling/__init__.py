@@ -5,7 +5,7 @@ candidates, weighted scorers rank them, a picker orders them; a Decision (pick p
 refusal with its HTTP status) comes out.
 """
 
-from extproc.scheduling.plugins import (
+from extproc.scheduling.framework import (
     OnEmpty,
     PluginError,
     SchedulingContext,

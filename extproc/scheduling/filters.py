@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from extproc.scheduling.plugins import OnEmpty, SchedulingContext, register_filter
+from extproc.scheduling.framework import OnEmpty, SchedulingContext, register_filter
 from extproc.scheduling.types import EndpointState
 
 

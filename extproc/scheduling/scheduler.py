@@ -26,11 +26,10 @@ import random
 from collections.abc import Sequence
 
 from extproc import config as cfg
-from extproc.prefix import PrefixIndex, prompt_hashes
 from extproc.scheduling import filters as _filters  # noqa: F401  (registers the built-in plugins)
 from extproc.scheduling import pickers as _pickers  # noqa: F401
 from extproc.scheduling import scorers as _scorers  # noqa: F401
-from extproc.scheduling.plugins import (
+from extproc.scheduling.framework import (
     Filter,
     OnEmpty,
     Picker,
@@ -40,6 +39,7 @@ from extproc.scheduling.plugins import (
     make_picker,
     make_scorer,
 )
+from extproc.scheduling.prefix.index import PrefixIndex, prompt_hashes
 from extproc.scheduling.types import Decision, EndpointState, RoutingRequest
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from extproc.scheduling.plugins import SchedulingContext, register_scorer
+from extproc.scheduling.framework import SchedulingContext, register_scorer
 from extproc.scheduling.types import EndpointState
 
 

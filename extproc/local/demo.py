@@ -91,10 +91,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-from extproc import promtext, stats, up
+from extproc import stats
+from extproc.local import promtext, up
+from extproc.local.prometheus import Prometheus, PrometheusMissing, find_prometheus, start_prometheus
+from extproc.local.stack import PoolSpec, Stack
 from extproc.names import POOL_RESPONSE_HEADER, ROUTING_US_HEADER, UPSTREAM_HOST_HEADER
-from extproc.prometheus import Prometheus, PrometheusMissing, find_prometheus, start_prometheus
-from extproc.stack import PoolSpec, Stack
 
 AB_ROUTE = "ab-test"
 AB_WEIGHTS = {"1b": 70, "3b": 30}
@@ -1357,7 +1358,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"extproc demo: error: {exc}", file=sys.stderr)
         return 2
 
-    from extproc.stack import start_stack
+    from extproc.local.stack import start_stack
 
     pools: tuple[PoolSpec, ...] = up.DEFAULT_POOLS
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="extproc-demo-"))

@@ -44,7 +44,7 @@ import betterproto2
 import yaml
 
 from extproc.config import Config, ConfigError, Pool, Split, load_config, parse_host_port
-from extproc.eds import eds_path, write_eds
+from extproc.datalayer.eds import eds_path, write_eds
 
 # envoy-data-plane's generated classes trip pydantic deprecation warnings when imported; they are not ours.
 with warnings.catch_warnings():
@@ -189,7 +189,7 @@ def _pool_cluster(pool: Pool, fallback: Fallback, eds_dir: str | None = None) ->
         ),
     }
     if eds_dir is not None:
-        # Membership from a file the ext_proc rewrites (extproc.eds.write_eds: write, then rename into eds_dir).
+        # Membership from a file the ext_proc rewrites (datalayer.eds.write_eds: write, then rename into eds_dir).
         # Envoy watches the directory for files moved into it, and re-reads the path on each such event.
         source = core.ConfigSource(
             path_config_source=core.PathConfigSource(

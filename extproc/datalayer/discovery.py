@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from extproc.config import Config, DnsDiscovery, Pool
-from extproc.endpoints import EndpointTable
+from extproc.datalayer.table import EndpointTable
 
 log = logging.getLogger(__name__)
 

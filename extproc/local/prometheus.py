@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 
 from extproc.config import parse_host_port
-from extproc.procs import Child, free_port
-from extproc.stack import Stack
+from extproc.local.procs import Child, free_port
+from extproc.local.stack import Stack
 
 ENV_VAR = "EXTPROC_PROMETHEUS"
 INSTALL_HINT = (

@@ -16,16 +16,17 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extproc import names, protocol
+from extproc import names
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from extproc.config import Config, ConfigError, load_config
-from extproc.discovery import Discovery
-from extproc.eds import write_eds
-from extproc.endpoints import EndpointTable
-from extproc.picker import EndpointPicker, StreamState
+from extproc.datalayer.discovery import Discovery
+from extproc.datalayer.eds import write_eds
+from extproc.datalayer.scrape import Scraper
+from extproc.datalayer.table import EndpointTable
+from extproc.gateway import protocol
+from extproc.gateway.director import EndpointPicker, StreamState
+from extproc.gateway.telemetry import StateCollector, Telemetry
 from extproc.scheduling.scheduler import Scheduler
-from extproc.scrape import Scraper
-from extproc.telemetry import StateCollector, Telemetry
 
 log = logging.getLogger("extproc")
 

@@ -35,7 +35,7 @@ RATE = "$__rate_interval"
 GRID_WIDTH = 24
 SCHEMA_VERSION = 39
 TAG = "extproc-router"
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "grafana" / "dashboards"
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "grafana" / "dashboards"
 
 # Selectors shared by several panels.
 POOL_CLUSTERS = 'envoy_cluster_name=~"pool-.*"'

@@ -1,6 +1,6 @@
 """Run a real Envoy for the demo and the tests: find the binary, validate a bootstrap, start it, wait for LIVE.
 
-Envoy is started as an `extproc.procs.Child` (own session, stopped by PID). Each instance gets its own
+Envoy is started as an `extproc.local.procs.Child` (own session, stopped by PID). Each instance gets its own
 hot-restart base id (``--use-dynamic-base-id`` unless one is given), so Envoys running at the same time,
 e.g. in parallel tests, do not clash on the shared-memory region keyed by that id. `cluster_members` and
 `wait_for_members` read a cluster's membership from the admin interface (e.g. after an EDS file changed).
@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from extproc.procs import Child
+from extproc.local.procs import Child
 
 
 class EnvoyNotFound(RuntimeError):

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from extproc.config import Config, parse_config
-from extproc.procs import Child, extproc_argv, free_port, start_sim
+from extproc.local.procs import Child, extproc_argv, free_port, start_sim
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,8 @@ def start_stack(
     the defaults. If anything fails to start, whatever did start is stopped before the error propagates.
     """
     # Envoy's typed config classes take a second to import: only when a stack really starts.
-    from extproc.envoy_bootstrap import build_bootstrap
-    from extproc.envoy_run import start_envoy
+    from extproc.envoy.bootstrap import build_bootstrap
+    from extproc.envoy.run import start_envoy
 
     log_dir.mkdir(parents=True, exist_ok=True)
     stack: Stack | None = None

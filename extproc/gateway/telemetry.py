@@ -30,9 +30,9 @@ from extproc.config import parse_host_port
 
 if TYPE_CHECKING:
     from extproc.config import Config
-    from extproc.endpoints import EndpointTable
-    from extproc.prefix import PrefixIndex
-    from extproc.scrape import ScrapeStats
+    from extproc.datalayer.scrape import ScrapeStats
+    from extproc.datalayer.table import EndpointTable
+    from extproc.scheduling.prefix.index import PrefixIndex
 
 # Decisions take tens of microseconds; the buckets must resolve that.
 DECISION_BUCKETS = (

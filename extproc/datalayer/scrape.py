@@ -22,7 +22,7 @@ import aiohttp
 from yarl import URL
 
 from extproc.config import Config, MetricsSource, Scrape
-from extproc.endpoints import EndpointTable
+from extproc.datalayer.table import EndpointTable
 
 log = logging.getLogger(__name__)
 

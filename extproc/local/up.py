@@ -13,9 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from extproc.procs import port_free
-from extproc.prometheus import Prometheus, PrometheusError, PrometheusMissing, find_prometheus, start_prometheus
-from extproc.stack import PoolSpec, Stack
+from extproc.local.procs import port_free
+from extproc.local.prometheus import Prometheus, PrometheusError, PrometheusMissing, find_prometheus, start_prometheus
+from extproc.local.stack import PoolSpec, Stack
 
 DEFAULT_POOLS = (
     PoolSpec("1b", "llama-3-2-1b", 2, ("--preset", "llama-3.2-1b")),
@@ -79,7 +79,7 @@ def gateway_ports(args: argparse.Namespace) -> dict[str, int]:
 
 
 def start_gateway(args: argparse.Namespace, pools: tuple[PoolSpec, ...] = DEFAULT_POOLS) -> Stack:
-    from extproc.stack import start_stack
+    from extproc.local.stack import start_stack
 
     check_ports_free(gateway_ports(args))
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="extproc-"))

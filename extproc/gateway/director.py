@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from extproc import names, protocol
+from extproc import names
 from extproc.config import Config, Pool
-from extproc.endpoints import EndpointTable
-from extproc.openai import ParsedRequest, RequestError, parse_body
+from extproc.datalayer.table import EndpointTable
+from extproc.gateway import protocol
+from extproc.gateway.openai import ParsedRequest, RequestError, parse_body
+from extproc.gateway.telemetry import BY_MODEL_ROUTE, Telemetry, route_label
 from extproc.scheduling import Decision, RoutingRequest
 from extproc.scheduling.scheduler import Scheduler
-from extproc.telemetry import BY_MODEL_ROUTE, Telemetry, route_label
 
 _WANTED_HEADERS = frozenset((":path", ":method"))
 AUTO_MODEL = "auto"  # "any model": the pool is left to the route (e.g. the A/B split)
