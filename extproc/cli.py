@@ -1,132 +1,27 @@
-"""The ``extproc`` command."""
+"""The ``extproc`` command: one subcommand per room, each registered the same way.
+
+Every module in ``COMMANDS`` exposes ``add_parser(sub)``, which adds its subcommand and sets ``func``
+(called with the parsed arguments, returns the exit status). Those modules stay cheap to import: what a
+command needs at run time (Envoy's typed configuration, aiohttp servers, matplotlib) is imported inside
+its ``func``, so ``extproc sim`` does not pay for ``extproc envoy-config``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
-
-def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from extproc.sim.config import PRESETS
-
-    p = sub.add_parser(
-        "sim",
-        help="serve one simulated vLLM replica (OpenAI API, /metrics, prefix cache, latency model)",
-        description=(
-            "Serve one simulated vLLM replica: OpenAI chat/completions (streaming too), /v1/models, "
-            "/health and vLLM's /metrics, with a block-based prefix cache and a latency model. "
-            "Latency options default to the chosen --preset."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--model", required=True, help="model name the replica serves (as vLLM's --model)")
-    p.add_argument("--served-model-name", nargs="+", default=None, help="names to serve instead of --model")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--preset", default="llama-3.2-1b", choices=sorted(PRESETS), help="latency and cache defaults")
-    lat = p.add_argument_group("latency model (defaults come from --preset)")
-    lat.add_argument("--prefill-overhead-ms", type=float, help="fixed cost of starting a prefill")
-    lat.add_argument("--prefill-us-per-token", type=float, help="prefill time per uncached prompt token")
-    lat.add_argument("--itl-ms", type=float, help="decode time per output token with one running request")
-    lat.add_argument("--load-factor", type=float, help="step-time growth per extra request in the batch")
-    lat.add_argument("--time-scale", type=float, default=1.0, help="wall seconds per simulated second; 0 = no waiting")
-    cache = p.add_argument_group("KV cache and scheduler")
-    cache.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    cache.add_argument("--num-gpu-blocks", type=int, help="KV-cache capacity in blocks")
-    cache.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once")
-    cache.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill token budget per step")
-    cache.add_argument("--max-waiting", type=int, default=1024, help="waiting requests before answering 429")
-    cache.add_argument("--max-model-len", type=int, help="context length: prompt + max_tokens")
-    cache.add_argument("--default-max-tokens", type=int, default=16, help="output length when max_tokens is unset")
-    faults = p.add_argument_group("fault injection (also at run time: POST /sim/faults)")
-    faults.add_argument("--error-rate", type=float, default=0.0, help="share of inference requests answered 500")
-    faults.add_argument("--delay-ms", type=float, default=0.0, help="wall-clock delay before every answer")
-    faults.add_argument("--seed", type=int, default=0, help="seed of the fault dice")
-    p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body accepted (413 above)")
-    p.set_defaults(func=_run_sim)
-
-
-def _run_sim(args: argparse.Namespace) -> int:
-    from extproc.sim.config import SimConfigError, from_preset
-    from extproc.sim.run import run
-
-    def ms(value: float | None) -> float | None:
-        return None if value is None else value / 1000.0
-
-    try:
-        config = from_preset(
-            args.preset,
-            args.model,
-            served_model_names=tuple(args.served_model_name or ()),
-            prefill_overhead=ms(args.prefill_overhead_ms),
-            prefill_per_token=None if args.prefill_us_per_token is None else args.prefill_us_per_token / 1e6,
-            itl=ms(args.itl_ms),
-            load_factor=args.load_factor,
-            time_scale=args.time_scale,
-            block_size=args.block_size,
-            num_gpu_blocks=args.num_gpu_blocks,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_waiting=args.max_waiting,
-            max_model_len=args.max_model_len,
-            default_max_tokens=args.default_max_tokens,
-            error_rate=args.error_rate,
-            delay=ms(args.delay_ms),
-            seed=args.seed,
-        )
-    except SimConfigError as exc:
-        print(f"extproc sim: error: {exc}", file=sys.stderr)
-        return 2
-    return run(config, args.host, args.port, int(args.max_body_mb * 1024 * 1024))
-
-
-def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="run the ext_proc endpoint picker",
-        description="Run the Envoy ext_proc endpoint picker: gRPC ExternalProcessor, health, /metrics.",
-    )
-    p.add_argument("--config", required=True, help="YAML configuration (see examples/config.yaml)")
-    p.add_argument("--check", action="store_true", help="validate the configuration and exit")
-    p.set_defaults(func=_run_serve)
-
-
-def _run_serve(args: argparse.Namespace) -> int:
-    from extproc.config import ConfigError, load_config
-    from extproc.scheduling.scheduler import Scheduler
-
-    try:
-        config = load_config(args.config)
-        Scheduler.from_config(config)  # unknown plugins and bad plugin params fail here, not on a request
-    except ConfigError as exc:
-        print(f"extproc serve: {exc}", file=sys.stderr)
-        return 2
-    if args.check:
-        print(f"{args.config}: valid ({len(config.pools)} pools)")
-        return 0
-    from pathlib import Path
-
-    from extproc.gateway.server import run
-
-    return run(config, Path(args.config))
-
-
-def _add_envoy_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    # Envoy's typed config classes take a second to import, so the real parser lives in
-    # extproc.envoy.bootstrap and is only loaded when this command runs.
-    p = sub.add_parser(
-        "envoy-config",
-        help="write the Envoy bootstrap for a configuration (see `extproc envoy-config --help`)",
-        add_help=False,
-    )
-    p.set_defaults(func=lambda _args: _envoy_config([]))
-
-
-def _envoy_config(argv: Sequence[str]) -> int:
-    from extproc.envoy.bootstrap import main as envoy_config_main
-
-    return envoy_config_main(argv)
+COMMANDS = (
+    "extproc.local.demo",  # demo
+    "extproc.local.up",  # up
+    "extproc.gateway.command",  # serve
+    "extproc.envoy.command",  # envoy-config
+    "extproc.local.dashboards",  # dashboards
+    "extproc.sim.cli",  # sim
+    "extproc.bench.cli",  # bench ...
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,26 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="extproc", description="Envoy ext_proc endpoint picker for vLLM, and its vLLM simulator."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from extproc.local import dashboards, demo, up
-
-    demo.add_parser(sub)
-    up.add_parser(sub)
-    dashboards.add_parser(sub)
-    _add_serve(sub)
-    _add_envoy_config(sub)
-    _add_sim(sub)
-    from extproc.bench.cli import add_bench
-
-    add_bench(sub)
+    for module in COMMANDS:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["envoy-config"]:
-        return _envoy_config(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     return int(args.func(args) or 0)
 
 

@@ -29,7 +29,8 @@ import yaml
 
 from extproc.config import Config, load_config, parse_config
 from extproc.datalayer.eds import write_eds
-from extproc.envoy.bootstrap import add_parser, build_bootstrap, main, render_bootstrap
+from extproc.envoy.bootstrap import build_bootstrap, render_bootstrap
+from extproc.envoy.command import add_parser, main
 from extproc.envoy.run import start_envoy, validate_bootstrap
 from extproc.local.procs import Child, free_port, start_sim
 from extproc.local.stack import PoolSpec, start_stack

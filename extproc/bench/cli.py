@@ -1,11 +1,11 @@
-"""`extproc bench ...` subcommands."""
+"""`extproc bench ...`: one subcommand per benchmark module, each registered by its own `add_parser`."""
 
 from __future__ import annotations
 
 import argparse
 
 
-def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="benchmarks (results go to stdout and optionally JSON)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     from extproc.bench import decision, overhead, routing, sim_throughput

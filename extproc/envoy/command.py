@@ -1,0 +1,88 @@
+"""``extproc envoy-config``: write Envoy's bootstrap for a configuration file.
+
+Cheap to import: the generator (Envoy's typed configuration classes, about a second to import) is loaded
+only when the command runs. ``python -m extproc.envoy.command`` takes the same options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from extproc.config import ConfigError, load_config
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="extproc configuration file (YAML)")
+    p.add_argument("--listen", default="127.0.0.1:8080", help="host:port of the gateway listener")
+    p.add_argument("--admin", default="127.0.0.1:9901", help="host:port of Envoy's admin interface")
+    p.add_argument(
+        "--ext-proc", default=None, help="ext_proc address, host:port or unix:/path (default: server.listen)"
+    )
+    p.add_argument("--message-timeout-ms", type=int, default=200, help="ext_proc per-message timeout")
+    p.add_argument(
+        "--max-request-bytes", type=int, default=None, help="largest buffered request (default: limits.max_body_bytes)"
+    )
+    p.add_argument(
+        "--fallback", choices=["round_robin", "least_request"], default="round_robin", help="pool policy without a pick"
+    )
+    p.add_argument("--route-timeout", type=float, default=300.0, help="seconds an upstream response may take")
+    p.add_argument("--access-log", action="store_true", help="log every request to Envoy's stdout")
+    p.add_argument(
+        "--eds-dir",
+        default=None,
+        help="pool clusters read their members from EDS files here, written now for static pools "
+        "(default: server.eds_dir; without either, STATIC/DNS clusters)",
+    )
+    p.add_argument("-o", "--output", default="-", help="output file ('-' = stdout)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from extproc.envoy.bootstrap import render_bootstrap  # Envoy's typed config: a second to import
+
+        config = load_config(args.config)
+        text = render_bootstrap(
+            config,
+            listen=args.listen,
+            admin=args.admin,
+            ext_proc=args.ext_proc,
+            message_timeout_ms=args.message_timeout_ms,
+            max_request_bytes=args.max_request_bytes,
+            fallback=args.fallback,
+            route_timeout_s=args.route_timeout,
+            access_log=args.access_log,
+            eds_dir=args.eds_dir,
+        )
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"extproc envoy-config: error: {exc}", file=sys.stderr)
+        return 2
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``extproc envoy-config``."""
+    p = sub.add_parser(
+        "envoy-config",
+        help="write the Envoy bootstrap for an extproc configuration",
+        description="Write Envoy's bootstrap (listener, ext_proc filter, one override_host cluster per pool).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="extproc envoy-config", description="Write Envoy's bootstrap.")
+    _add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
