@@ -13,6 +13,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from extproc import config_legacy as legacy
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message lists each bad field and how to fix it."""
@@ -155,43 +157,55 @@ class Scrape(_Strict):
     stale_after: float = Field(default=2.0, gt=0, description="seconds after which a snapshot is stale")
 
 
-class WeightedPlugin(_Strict):
-    """A scorer and its weight; ``params`` go to its constructor (e.g. prefix: ``{min_blocks: 16}``)."""
+class PluginSpec(_Strict):
+    """A scheduling plugin (filter or picker): its registered name and its constructor's ``params``.
 
-    name: str
-    weight: float = Field(default=1.0, ge=0)
+    In YAML a bare name is short for ``{name: NAME}``.
+    """
+
+    name: str = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class Saturation(_Strict):
-    """An endpoint is saturated when its queue or KV-cache use is at or above these."""
+class WeightedPlugin(PluginSpec):
+    """A scorer, its weight and its ``params`` (e.g. prefix: ``{min_blocks: 16, block_chars: 64}``)."""
 
-    queue_threshold: float = Field(default=5, ge=0)
-    kv_cache_threshold: float = Field(default=0.8, gt=0, le=1)
+    weight: float = Field(default=1.0, ge=0)
+
+
+def _spec(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+# The subset hint comes first: it defines the candidate set, inside which health may fail open.
+DEFAULT_FILTERS = ("subset", "healthy", "not_saturated")
+DEFAULT_SCORERS = (("queue", 2.0), ("kv_cache", 2.0), ("prefix", 3.0))  # GIE's weights
 
 
 class Scheduler(_Strict):
-    # The subset hint comes first: it defines the candidate set, inside which health may fail open.
-    filters: list[str] = Field(default_factory=lambda: ["subset", "healthy", "not_saturated"])
+    """The scheduling policy: filters, then weighted scorers, then a picker; each entry builds one plugin."""
+
+    filters: list[PluginSpec] = Field(default_factory=lambda: [PluginSpec(name=n) for n in DEFAULT_FILTERS])
     scorers: list[WeightedPlugin] = Field(
-        default_factory=lambda: [
-            WeightedPlugin(name="queue", weight=2),
-            WeightedPlugin(name="kv_cache", weight=2),
-            WeightedPlugin(name="prefix", weight=3),
-        ]
+        default_factory=lambda: [WeightedPlugin(name=n, weight=w) for n, w in DEFAULT_SCORERS]
     )
-    picker: str = "max_score"
+    picker: PluginSpec = PluginSpec(name="max_score")
     fallbacks: int = Field(default=2, ge=0, description="extra endpoints after the pick, for Envoy to retry")
-    saturation: Saturation = Saturation()
-    shed_when_saturated: bool = Field(
-        default=False, description="answer 429 when every endpoint is saturated instead of picking anyway"
-    )
 
+    @field_validator("filters", mode="before")
+    @classmethod
+    def _filter_names(cls, value: Any) -> Any:
+        return [_spec(v) for v in value] if isinstance(value, list | tuple) else value
 
-class Prefix(_Strict):
-    block_chars: int = Field(default=64, ge=8, description="characters per prefix block (~16 tokens)")
-    max_blocks: int = Field(default=16384, ge=1, description="prefix blocks remembered per endpoint (LRU)")
-    max_prompt_blocks: int = Field(default=256, ge=1, description="leading blocks of a prompt that are hashed")
+    @field_validator("picker", mode="before")
+    @classmethod
+    def _picker_name(cls, value: Any) -> Any:
+        return _spec(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        return legacy.move_saturation(data, DEFAULT_FILTERS) if isinstance(data, dict) else data
 
 
 class Limits(_Strict):
@@ -239,13 +253,19 @@ class Server(_Strict):
 
 
 class Config(_Strict):
+    """The whole file: the picker's server, its pools and splits, scraping, the scheduling policy, limits."""
+
     server: Server = Server()
     pools: Annotated[list[Pool], Field(min_length=1)]
     splits: list[Split] = Field(default_factory=list)
     scrape: Scrape = Scrape()
     scheduler: Scheduler = Scheduler()
-    prefix: Prefix = Prefix()
     limits: Limits = Limits()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        return legacy.move_prefix(data, DEFAULT_SCORERS) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _unique(self) -> Config:

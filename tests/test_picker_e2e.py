@@ -203,7 +203,15 @@ def test_all_saturated_with_shedding_answers_429(make_stack) -> None:
     stack = make_stack(
         replicas=2,
         sim_args=("--time-scale", "1", "--max-num-seqs", "1"),
-        settings={"scheduler": {"shed_when_saturated": True, "saturation": {"queue_threshold": 2}}},
+        settings={
+            "scheduler": {
+                "filters": [
+                    "subset",
+                    "healthy",
+                    {"name": "not_saturated", "params": {"queue_threshold": 2, "shed": True}},
+                ]
+            }
+        },
     )
 
     async def flood() -> None:

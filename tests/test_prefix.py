@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from extproc.scheduling.prefix.index import PrefixIndex, prompt_hashes
+from extproc.scheduling.prefix.hashing import prompt_hashes
+from extproc.scheduling.prefix.index import PrefixIndex
 
 A, B, C = "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"
 

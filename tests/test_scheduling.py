@@ -19,6 +19,7 @@ from extproc.scheduling import (
     known_plugins,
     register_scorer,
 )
+from extproc.scheduling.prefix.scorer import PrefixScorer
 
 POOL, MODEL, NOW = "pool-1b", "llama-1b", 100.0
 SYSTEM = "<|system|>\nYou are a helpful assistant who answers questions about cities and rivers.\n"
@@ -30,7 +31,7 @@ def endpoints(n: int = 4, **kw: Any) -> list[EndpointState]:
 
 
 def scheduler(seed: int = 0, **settings: Any) -> Scheduler:
-    return Scheduler(cfg.Scheduler(**settings), cfg.Prefix(), stale_after=2.0, rng=random.Random(seed))
+    return Scheduler(cfg.Scheduler(**settings), rng=random.Random(seed))
 
 
 def scorers(**weights: float | tuple[float, dict[str, Any]]) -> list[cfg.WeightedPlugin]:
@@ -42,13 +43,7 @@ def scorers(**weights: float | tuple[float, dict[str, Any]]) -> list[cfg.Weighte
 
 
 def request(s: Scheduler, text: str = "", subset: Sequence[str] | None = None) -> RoutingRequest:
-    return RoutingRequest(
-        POOL,
-        MODEL,
-        s.hash_prompt(text, MODEL),
-        len(text),
-        None if subset is None else frozenset(subset),
-    )
+    return RoutingRequest(POOL, MODEL, text, None if subset is None else frozenset(subset), target_model=MODEL)
 
 
 def scrape(eps: Sequence[EndpointState], now: float = NOW) -> None:
@@ -143,9 +138,10 @@ def test_pending_and_prefix_are_recorded_on_the_pick() -> None:
     picked = next(e for e in eps if e.address == decision.endpoints[0])
     assert picked.pending == 1
     assert sum(e.pending for e in eps) == 1
-    assert s.prefix_index.match(req.prefix_hashes, [e.address for e in eps])[picked.address] == 10
-    s.forget(picked.address)
-    assert s.prefix_index.size(picked.address) == 0
+    prefix = next(p for p in s.plugins() if isinstance(p, PrefixScorer))
+    assert prefix.index.match(prefix.hashes(req.prompt, MODEL), [e.address for e in eps])[picked.address] == 10
+    s.forget_endpoint(picked.address)
+    assert prefix.index.size(picked.address) == 0
 
 
 # --- filters -----------------------------------------------------------------------------------------
@@ -201,7 +197,7 @@ def test_filter_order_decides_whether_a_stale_hinted_endpoint_fails_open() -> No
 def test_all_saturated_sheds_with_429_or_routes_anyway() -> None:
     eps = endpoints(3, waiting=9)
     eps[1].waiting = 20
-    shedding = scheduler(shed_when_saturated=True)
+    shedding = scheduler(filters=["subset", "healthy", {"name": "not_saturated", "params": {"shed": True}}])
     decision = shedding.schedule(request(shedding), eps, NOW)
     assert (decision.status, decision.endpoints) == (429, ())
     assert "saturated" in decision.reason
@@ -367,3 +363,33 @@ def test_max_score_breaks_near_ties_in_rotation() -> None:
     assert picks[4:] == picks[:4]
     eps[2].kv_usage = 0.5  # a real difference is not a tie
     assert eps[2].address not in {s.schedule(request(s), eps, NOW).endpoints[0] for _ in range(6)}
+
+
+def test_no_prompt_is_hashed_without_a_prefix_scorer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from extproc.scheduling.prefix import scorer as prefix_module
+
+    calls: list[str] = []
+    real = prefix_module.prompt_hashes
+
+    def counting(text: str, *args: Any) -> tuple[int, ...]:
+        calls.append(text)
+        return real(text, *args)
+
+    monkeypatch.setattr(prefix_module, "prompt_hashes", counting)
+    text = SYSTEM * 3
+    without = scheduler(scorers=scorers(queue=2, kv_cache=2))
+    assert not any(isinstance(p, PrefixScorer) for p in without.plugins())
+    assert without.schedule(request(without, text), endpoints(4), NOW).routed
+    assert calls == []
+    with_prefix = scheduler()
+    assert with_prefix.schedule(request(with_prefix, text), endpoints(4), NOW).routed
+    assert calls == [text]
+
+
+def test_tie_tolerance_is_a_param_of_max_score() -> None:
+    eps = endpoints(2)
+    eps[1].kv_usage = 0.3  # kv_cache scores 1.0 and 0.7: a tie within 0.5, a clear winner within 0.2
+    strict = scheduler(scorers=scorers(kv_cache=1), picker={"name": "max_score", "params": {"tie_tolerance": 0.2}})
+    assert {strict.schedule(request(strict), eps, NOW).endpoints[0] for _ in range(6)} == {eps[0].address}
+    loose = scheduler(scorers=scorers(kv_cache=1), picker={"name": "max_score", "params": {"tie_tolerance": 0.5}})
+    assert {loose.schedule(request(loose), eps, NOW).endpoints[0] for _ in range(6)} == {e.address for e in eps}

@@ -12,9 +12,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.config import Config, MetricsSource, Pool, PoolEndpoints, Scrape
+from extproc.datalayer.endpoint import EndpointState
 from extproc.datalayer.scrape import MetricsParseError, Scraper, metrics_url, parse_vllm_metrics
 from extproc.datalayer.table import EndpointTable
-from extproc.scheduling.types import EndpointState
 from tests.helpers import get, post, run, wait_until
 
 FAST = Scrape(interval=0.05, timeout=0.3)

@@ -15,7 +15,7 @@ from extproc.config import parse_config
 from extproc.datalayer.table import EndpointTable
 from extproc.gateway.telemetry import StateCollector, Telemetry
 from extproc.local.stack import PoolSpec, Stack, start_stack
-from extproc.scheduling.prefix.index import PrefixIndex
+from extproc.scheduling import RoutingRequest, Scheduler
 from tests.helpers import post
 
 SPLIT = {"name": "ab-test", "backends": [{"pool": "1b", "weight": 70}, {"pool": "3b", "weight": 30}]}
@@ -209,8 +209,16 @@ def test_endpoint_series_leave_with_the_endpoint() -> None:
     table = EndpointTable()
     table.replace_pool("p", ["127.0.0.1:1", "127.0.0.1:2"])
     table.on_removed(telemetry.forget_endpoint)
-    telemetry.watch(StateCollector(config, table, {}, PrefixIndex()))
-    telemetry.routed("p", "m", "m", "by-model", "127.0.0.1:1", False, 4, 2)
+    scheduler = Scheduler.from_config(config)
+    telemetry.watch(StateCollector(config, table, {}, scheduler))
+    telemetry.routed("p", "m", "m", "by-model", "127.0.0.1:1", False)
+    # a pick the prefix plugin records: 2 of the prompt's 4 blocks were on the picked endpoint
+    for state in table.pool_endpoints("p"):
+        state.scraped_at, state.scrape_ok = 0.0, True
+    prompt = "x" * 64 * 2
+    scheduler.schedule(RoutingRequest("p", "m", prompt, target_model="m"), table.pool_endpoints("p")[:1], 0.0)
+    picked = table.pool_endpoints("p")[0]
+    scheduler.schedule(RoutingRequest("p", "m", prompt + "y" * 64 * 2, target_model="m"), [picked], 0.0)
 
     def endpoints() -> set[str]:
         return {

@@ -1,4 +1,7 @@
-"""Endpoint sources: static lists from the configuration, and DNS names re-resolved periodically.
+"""Pool membership: static lists from the configuration (and its reloads), DNS names re-resolved periodically.
+
+This is the one place membership is written into the `EndpointTable`; everything that follows
+membership (the scraper, the EDS files, the scheduler's plugins, the metrics) listens to the table.
 
 DNS is how a Kubernetes headless Service lists its ready pods (A/AAAA records). A failed resolution keeps
 the last known membership: a DNS hiccup must not empty a pool that is serving traffic, and endpoints that
@@ -107,6 +110,30 @@ class Discovery:
         await asyncio.gather(*(self.refresh(name, dns) for name, dns in dns_pools))
         for name, dns in dns_pools:
             self._tasks.append(asyncio.create_task(self._loop(name, dns), name=f"discovery:{name}"))
+
+    def apply_config(self, new: Config) -> bool:
+        """Apply a re-read configuration's static endpoint lists; returns whether any membership changed.
+
+        Membership is what scaling changes, and it is applied live. Any other change to a pool, a changed
+        endpoint source, or pools added or removed are logged and wait for a restart.
+        """
+        changed = False
+        running = {p.name: p for p in self._pools}
+        for pool in new.pools:
+            old = running.get(pool.name)
+            if old is None or pool.model_copy(update={"endpoints": old.endpoints}) != old:
+                log.warning("config reload: pool %s changed beyond its endpoints; restart to apply", pool.name)
+                continue
+            if pool.endpoints.static is not None and old.endpoints.static is not None:
+                added, removed = self._table.replace_pool(pool.name, pool.endpoints.static)
+                if added or removed:
+                    changed = True
+                    log.info("config reload: pool %s +%s -%s", pool.name, added, removed)
+            elif pool.endpoints != old.endpoints:
+                log.warning("config reload: pool %s changed its endpoint source; restart to apply", pool.name)
+        if {p.name for p in new.pools} != set(running):
+            log.warning("config reload: pools were added or removed; restart to apply")
+        return changed
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from extproc.scheduling.types import EndpointState
+from extproc.datalayer.endpoint import DEFAULT_STALE_AFTER, EndpointState
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ class EndpointTable:
     it (prefix index, scrape schedule) worthless.
     """
 
-    def __init__(self, pools: Iterable[str] = ()) -> None:
+    def __init__(self, pools: Iterable[str] = (), *, stale_after: float = DEFAULT_STALE_AFTER) -> None:
+        self._stale_after = stale_after  # given to every state it creates (see EndpointState)
         self._pools: dict[str, dict[str, EndpointState]] = {name: {} for name in pools}
         self._lists: dict[str, tuple[EndpointState, ...]] = {name: () for name in self._pools}
         self._by_address: dict[str, tuple[EndpointState, ...]] = {}
@@ -83,7 +84,7 @@ class EndpointTable:
         for address in removed:
             del members[address]
         for address in added:
-            members[address] = EndpointState(address=address, pool=pool)
+            members[address] = EndpointState(address=address, pool=pool, stale_after=self._stale_after)
         self._lists[pool] = tuple(members.values())
         gone: list[str] = []
         for address in removed:

@@ -1,18 +1,22 @@
 """The Endpoint Picker Protocol on the wire: what the ext_proc reads from Envoy and answers.
 
-Every answer sets the ProcessingResponse oneof matching the message it answers; Envoy treats a
-response without it (even one carrying only dynamic metadata) as spurious and fails the stream.
+Reading fills a `RequestContext`; answering turns the director's `Route` / `Reply` into a
+ProcessingResponse. Every answer sets the ProcessingResponse oneof matching the message it answers;
+Envoy treats a response without it (even one carrying only dynamic metadata) as spurious and fails the
+stream.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 from google.protobuf.struct_pb2 import Struct
 
 from extproc._proto.envoy.config.core.v3 import base_pb2
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from extproc._proto.envoy.type.v3 import http_status_pb2
+from extproc.gateway.context import Reply, RequestContext, Route
 from extproc.names import (
     DESTINATION_KEY as DESTINATION_HEADER,
 )
@@ -21,6 +25,7 @@ from extproc.names import (
 )
 from extproc.names import (
     POOL_HEADER,
+    POOL_METADATA,
     SUBSET_KEY,
     SUBSET_NAMESPACE,
 )
@@ -150,3 +155,39 @@ def attributes(request: ProcessingRequest) -> dict[str, str]:
             if value.HasField("string_value"):
                 out[key] = value.string_value
     return out
+
+
+# ----- reading ---------------------------------------------------------------------------------------
+
+_WANTED_HEADERS = frozenset((":path", ":method"))
+
+
+def pool_hint(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The pool Envoy's route chose, from the stream's gRPC initial metadata (``x-pool``), if set."""
+    for key, value in metadata or ():
+        if key == POOL_METADATA:
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+def read_headers(message: ProcessingRequest, request: RequestContext) -> None:
+    """The request-headers message: path, method, attributes, the subset hint, whether a body follows."""
+    headers = message.request_headers
+    values = header_values(headers.headers, _WANTED_HEADERS)
+    request.path = values.get(":path", "")
+    request.method = values.get(":method", "")
+    request.attributes = attributes(message)
+    request.subset = subset_hint(message)
+    request.end_of_stream = headers.end_of_stream
+
+
+# ----- answering -------------------------------------------------------------------------------------
+
+
+def answer(kind: str, outcome: Route | Reply | None) -> ProcessingResponse:
+    """The response to a ``kind`` message carrying the director's outcome (None: let it through)."""
+    if outcome is None:
+        return passthrough(kind)
+    if isinstance(outcome, Route):
+        return route(kind, outcome.endpoints, outcome.pool_header, outcome.body)
+    return immediate(outcome.status, outcome.body, outcome.details)

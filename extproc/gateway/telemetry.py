@@ -4,9 +4,10 @@ Two kinds, kept apart because they cost differently:
 
 - per-request counters and histograms (`Telemetry`), updated on the request path through cached label
   children, a few hundred nanoseconds each;
-- the state the scheduler works on (endpoint load, scrape health, prefix index size, configured split
-  weights), read only when Prometheus scrapes (`StateCollector`), so the request path pays nothing for it
-  and endpoints that leave their pool leave the output with them.
+- the state the scheduler works on (endpoint load, scrape health, configured split weights, and what each
+  scheduling plugin exports about itself, e.g. the prefix index), read only when Prometheus scrapes
+  (`StateCollector`), so the request path pays nothing for it and endpoints that leave their pool leave
+  the output with them.
 
 Where the Gateway API Inference Extension's picker exports the same figure, the GIE name and labels are
 used (``inference_objective_*``, ``inference_pool_*``, ``inference_extension_prefix_indexer_*``), so its
@@ -27,12 +28,13 @@ from prometheus_client.metrics_core import Metric
 
 from extproc import names
 from extproc.config import parse_host_port
+from extproc.gateway.context import BY_MODEL_ROUTE
 
 if TYPE_CHECKING:
     from extproc.config import Config
     from extproc.datalayer.scrape import ScrapeStats
     from extproc.datalayer.table import EndpointTable
-    from extproc.scheduling.prefix.index import PrefixIndex
+    from extproc.scheduling.scheduler import Scheduler
 
 # Decisions take tens of microseconds; the buckets must resolve that.
 DECISION_BUCKETS = (
@@ -53,8 +55,6 @@ DECISION_BUCKETS = (
     0.05,
     0.1,
 )
-RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
-BY_MODEL_ROUTE = "by-model"  # the route label when the pool came from the body's model (Envoy's default route)
 
 
 def route_label(route_name: str | None) -> str:
@@ -99,19 +99,10 @@ class Telemetry:
             ["model_name", "target_model_name", "error_code"],
             registry=r,
         )
-        self.prefix_hit_ratio = Histogram(
-            "inference_extension_prefix_indexer_hit_ratio",
-            "Share of a prompt's blocks the prefix index placed on the picked endpoint, per request (GIE name; "
-            "name = pool).",
-            ["name"],
-            buckets=RATIO_BUCKETS,
-            registry=r,
-        )
         self._decision_children: dict[str, Any] = {}
         self._request_children: dict[tuple[str, str, str, str], Any] = {}
         self._pick_children: dict[tuple[str, str], Any] = {}
         self._objective_children: dict[tuple[str, str], Any] = {}
-        self._ratio_children: dict[str, Any] = {}
 
     def decided(self, pool: str, seconds: float) -> None:
         child = self._decision_children.get(pool)
@@ -127,8 +118,6 @@ class Telemetry:
         route: str,
         endpoint: str,
         fail_open: bool,
-        prompt_blocks: int = 0,
-        matched_blocks: int = 0,
     ) -> None:
         """A routed request: ``asked`` is the model the client named (a served one, ``auto`` or ""), ``model`` the
         model served."""
@@ -143,11 +132,6 @@ class Telemetry:
         if child is None:
             child = self._objective_children[objective_key] = self.objective_requests.labels(asked, model)
         child.inc()
-        if prompt_blocks:
-            child = self._ratio_children.get(pool)
-            if child is None:
-                child = self._ratio_children[pool] = self.prefix_hit_ratio.labels(pool)
-            child.observe(matched_blocks / prompt_blocks)
 
     def refused(self, pool: str, asked: str, model: str, route: str, status: int) -> None:
         """A request the picker answered itself (the error path: no child cache needed)."""
@@ -191,15 +175,14 @@ class StateCollector:
         config: Config,
         table: EndpointTable,
         scrape_stats: dict[str, ScrapeStats],
-        prefix_index: PrefixIndex,
+        scheduler: Scheduler,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
         self._table = table
         self._scrape_stats = scrape_stats
-        self._prefix_index = prefix_index
+        self._scheduler = scheduler
         self._clock = clock
-        self._stale_after = config.scrape.stale_after
 
     def describe(self) -> list[Metric]:
         return []  # no collect() at registration time
@@ -244,13 +227,11 @@ class StateCollector:
         avg_kv = GaugeMetricFamily(
             "inference_pool_average_kv_cache_utilization", "Mean KV-cache use of the pool (GIE name).", labels=["name"]
         )
-        index_blocks = GaugeMetricFamily(
-            "extproc_prefix_index_blocks", "Blocks the prefix index holds for the pool's endpoints.", labels=["pool"]
-        )
         stats = dict(list(self._scrape_stats.items()))
-        index = self._prefix_index
+        members: dict[str, list[str]] = {}
         for pool in self._table.pools():
             states = self._table.pool_endpoints(pool)
+            members[pool] = [e.address for e in states]
             fresh = 0
             for e in states:
                 values = [pool, e.address]
@@ -258,7 +239,7 @@ class StateCollector:
                 running.add_metric(values, e.running)
                 pending.add_metric(values, e.pending)
                 kv.add_metric(values, e.kv_usage)
-                is_fresh = e.fresh(now, self._stale_after)
+                is_fresh = e.fresh(now)
                 fresh += is_fresh
                 up.add_metric(values, 1.0 if is_fresh else 0.0)
                 if e.scraped_at is not None:
@@ -274,11 +255,6 @@ class StateCollector:
             if states:
                 avg_queue.add_metric([pool], sum(e.waiting for e in states) / len(states))
                 avg_kv.add_metric([pool], sum(e.kv_usage for e in states) / len(states))
-            index_blocks.add_metric([pool], sum(index.size(e.address) for e in states))
-        index_size = GaugeMetricFamily(
-            "inference_extension_prefix_indexer_size", "Prompt blocks in the prefix index, all pools (GIE name)."
-        )
-        index_size.add_metric([], sum(index.size(a) for a in index.addresses()))
         weights = GaugeMetricFamily(
             "extproc_split_weight_ratio",
             "Configured share (0-1) of each arm of a weighted split route.",
@@ -290,4 +266,5 @@ class StateCollector:
             for backend in split.backends:
                 weights.add_metric([route, backend.pool], backend.weight / total)
         yield from (waiting, running, pending, kv, up, age, scrapes, per_pod_queue, ready, avg_queue, avg_kv)
-        yield from (index_blocks, index_size, weights)
+        yield weights
+        yield from self._scheduler.collect_metrics(members)

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+from extproc.datalayer.endpoint import EndpointState
 from extproc.scheduling.framework import OnEmpty, SchedulingContext, register_filter
-from extproc.scheduling.types import EndpointState
 
 
 @register_filter("healthy")
 class Healthy:
-    """Endpoints whose latest scrape succeeded and is recent.
+    """Endpoints whose latest scrape succeeded and is recent (``EndpointState.fresh``; the data layer's
+    ``scrape.stale_after`` says how recent).
 
     If none is fresh (the scraper is down, or every pod is slow to answer /metrics) routing blindly
     beats refusing everything: fail open, as Envoy does when the picker itself is down.
     """
 
     on_empty = OnEmpty.FAIL_OPEN
+    empty_status = 503
     empty_reason = "no endpoint has a fresh scrape"
 
     def apply(self, ctx: SchedulingContext, candidates: list[EndpointState]) -> list[EndpointState]:
-        now, stale_after = ctx.now, ctx.stale_after
-        return [e for e in candidates if e.fresh(now, stale_after)]
+        now = ctx.now
+        return [e for e in candidates if e.fresh(now)]
 
 
 @register_filter("subset")
@@ -27,6 +29,7 @@ class Subset:
     """The GIE candidate-subset hint: if the request carries one, only those endpoints (else 503)."""
 
     on_empty = OnEmpty.REFUSE
+    empty_status = 503
     empty_reason = "no endpoint in the subset hint"
 
     def apply(self, ctx: SchedulingContext, candidates: list[EndpointState]) -> list[EndpointState]:
@@ -36,27 +39,39 @@ class Subset:
         return [e for e in candidates if e.address in subset]
 
 
-def saturated(endpoint: EndpointState, queue_threshold: float, kv_cache_threshold: float) -> bool:
-    """The scraped queue or KV-cache use at or above its threshold.
-
-    ``pending`` (requests sent since the last scrape) is left out on purpose: most of them are already
-    running or done by the next scrape, and at a few hundred requests per second per endpoint they
-    alone would cross any small threshold and turn every endpoint "saturated" between two scrapes.
-    """
-    return endpoint.waiting >= queue_threshold or endpoint.kv_usage >= kv_cache_threshold
+def _threshold(name: str, value: object, upper: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if upper is not None and not 0 < value <= upper:
+        raise ValueError(f"{name} must be above 0 and at most {upper}, got {value!r}")
+    return float(value)
 
 
 @register_filter("not_saturated")
 class NotSaturated:
     """Endpoints with room, so that affinity never piles work onto an overloaded pod.
 
-    When every endpoint is saturated: 429 if ``shed_when_saturated`` (let the client back off),
-    otherwise route anyway and let the scorers pick the least bad one.
+    An endpoint is saturated when its scraped queue reaches ``queue_threshold`` or its KV-cache use
+    reaches ``kv_cache_threshold`` (GIE's defaults, 5 and 0.8). ``pending`` (requests sent since the
+    last scrape) is left out on purpose: most of them are already running or done by the next scrape,
+    and at a few hundred requests per second per endpoint they alone would cross any small threshold and
+    turn every endpoint "saturated" between two scrapes.
+
+    When every endpoint is saturated: 429 if ``shed`` (let the client back off), otherwise route anyway
+    and let the scorers pick the least bad one.
     """
 
-    on_empty = OnEmpty.SHED
+    empty_status = 429
     empty_reason = "every endpoint is saturated"
 
+    def __init__(self, queue_threshold: float = 5, kv_cache_threshold: float = 0.8, shed: bool = False) -> None:
+        self.queue_threshold = _threshold("queue_threshold", queue_threshold)
+        self.kv_cache_threshold = _threshold("kv_cache_threshold", kv_cache_threshold, upper=1.0)
+        if not isinstance(shed, bool):
+            raise ValueError(f"shed must be true or false, got {shed!r}")
+        self.shed = shed
+        self.on_empty = OnEmpty.REFUSE if shed else OnEmpty.BYPASS
+
     def apply(self, ctx: SchedulingContext, candidates: list[EndpointState]) -> list[EndpointState]:
-        q, kv = ctx.queue_threshold, ctx.kv_cache_threshold
-        return [e for e in candidates if not saturated(e, q, kv)]
+        q, kv = self.queue_threshold, self.kv_cache_threshold
+        return [e for e in candidates if e.waiting < q and e.kv_usage < kv]

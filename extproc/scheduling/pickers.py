@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from extproc.datalayer.endpoint import EndpointState
 from extproc.scheduling.framework import SchedulingContext, register_picker
-from extproc.scheduling.types import EndpointState
 
 
 @register_picker("max_score")

@@ -1,6 +1,6 @@
 """The scheduler: filters -> weighted scorers -> picker, once per request, with no I/O.
 
-The gRPC adapter calls ``Scheduler.schedule`` with the pool's endpoint states and the current
+The director (``gateway/director.py``) calls ``Scheduler.schedule`` with the pool's endpoint states and the current
 monotonic time; everything else (scraping, discovery) happens elsewhere and only updates those states.
 
 Policies are plain configuration (``scheduler:`` in the config file):
@@ -23,87 +23,74 @@ round robin: ``scheduler: {filters: [healthy, subset], scorers: [], picker: roun
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from extproc import config as cfg
+from extproc.datalayer.endpoint import EndpointState
 from extproc.scheduling import filters as _filters  # noqa: F401  (registers the built-in plugins)
 from extproc.scheduling import pickers as _pickers  # noqa: F401
 from extproc.scheduling import scorers as _scorers  # noqa: F401
 from extproc.scheduling.framework import (
+    ExportsMetrics,
     Filter,
+    LearnsFromPicks,
     OnEmpty,
     Picker,
+    RemembersEndpoints,
     SchedulingContext,
     Scorer,
-    make_filter,
-    make_picker,
-    make_scorer,
+    build,
+    effective_params,
 )
-from extproc.scheduling.prefix.index import PrefixIndex, prompt_hashes
-from extproc.scheduling.types import Decision, EndpointState, RoutingRequest
+from extproc.scheduling.prefix import scorer as _prefix  # noqa: F401
+from extproc.scheduling.types import Decision, RoutingRequest
 
 
 class Scheduler:
-    """Chooses an endpoint (and fallbacks) of a request's pool; owns the prefix index.
+    """Chooses an endpoint (and fallbacks) of a request's pool.
 
     Not thread-safe by design: the server calls it from its one event loop. Plugins are built here,
-    so an unknown plugin name or a bad parameter fails at startup, not on the first request.
+    so an unknown plugin name or a bad parameter fails at startup, not on the first request. What a
+    plugin remembers (e.g. the prefix index) is the plugin's own; the scheduler only calls its hooks.
     """
 
-    def __init__(
-        self,
-        settings: cfg.Scheduler | None = None,
-        prefix: cfg.Prefix | None = None,
-        *,
-        stale_after: float = cfg.Scrape().stale_after,
-        rng: random.Random | None = None,
-    ) -> None:
+    def __init__(self, settings: cfg.Scheduler | None = None, *, rng: random.Random | None = None) -> None:
         self.settings = settings = settings or cfg.Scheduler()
-        self.prefix_settings = prefix = prefix or cfg.Prefix()
-        self.stale_after = stale_after
         self.rng = rng or random.Random()
-        self.prefix_index = PrefixIndex(prefix.max_blocks)
         self._filters: list[Filter] = [
-            make_filter(n, f"scheduler.filters[{i}]") for i, n in enumerate(settings.filters)
+            build("filter", f.name, f.params, f"scheduler.filters[{i}]") for i, f in enumerate(settings.filters)
         ]
         self._scorers: list[tuple[float, Scorer]] = [
-            (p.weight, make_scorer(p.name, p.params, f"scheduler.scorers[{i}]"))
-            for i, p in enumerate(settings.scorers)
-            if p.weight > 0
+            (s.weight, build("scorer", s.name, s.params, f"scheduler.scorers[{i}]"))
+            for i, s in enumerate(settings.scorers)
+            if s.weight > 0
         ]
-        self._picker: Picker = make_picker(settings.picker)
-        self._needs_prefix = any(s.needs_prefix for _, s in self._scorers)
+        self._picker: Picker = build("picker", settings.picker.name, settings.picker.params, "scheduler.picker")
         self._count = 1 + settings.fallbacks
+        plugins = self.plugins()
+        self._learners = [p for p in plugins if isinstance(p, LearnsFromPicks)]
+        self._rememberers = [p for p in plugins if isinstance(p, RemembersEndpoints)]
 
     @classmethod
     def from_config(cls, config: cfg.Config, rng: random.Random | None = None) -> Scheduler:
-        return cls(config.scheduler, config.prefix, stale_after=config.scrape.stale_after, rng=rng)
+        return cls(config.scheduler, rng=rng)
 
-    def hash_prompt(self, text: str, model: str) -> tuple[int, ...]:
-        """The request's ``prefix_hashes``, with the configured block size and prompt bound."""
-        p = self.prefix_settings
-        return prompt_hashes(text, model, p.block_chars, p.max_prompt_blocks)
+    def plugins(self) -> list[Any]:
+        """Every plugin, in the order a request meets them."""
+        return [*self._filters, *(s for _, s in self._scorers), self._picker]
 
     def schedule(self, request: RoutingRequest, endpoints: Sequence[EndpointState], now: float) -> Decision:
         """Pick an endpoint of ``request.pool`` among ``endpoints`` (their states as of ``now``).
 
         On success the pick's ``pending`` is incremented (the scraper resets it with each fresh
-        scrape) and its prefix index learns the prompt's blocks. ``Decision.reason`` notes any filter
-        that was bypassed even when the request is routed.
+        scrape) and plugins that learn from picks are told. ``Decision.reason`` notes any filter that
+        was bypassed even when the request is routed.
         """
         candidates = [e for e in endpoints if e.pool == request.pool]
         if not candidates:
             return Decision(status=503, reason=f"no endpoint in pool {request.pool!r}")
-        s = self.settings
-        ctx = SchedulingContext(
-            request=request,
-            now=now,
-            stale_after=self.stale_after,
-            queue_threshold=s.saturation.queue_threshold,
-            kv_cache_threshold=s.saturation.kv_cache_threshold,
-            shed_when_saturated=s.shed_when_saturated,
-            rng=self.rng,
-        )
+        ctx = SchedulingContext(request=request, now=now, rng=self.rng)
         fail_open = False
         notes: list[str] = []
         for f in self._filters:
@@ -112,19 +99,13 @@ class Scheduler:
                 candidates = kept
                 continue
             if f.on_empty is OnEmpty.REFUSE:
-                return Decision(status=503, reason=f.empty_reason)
-            if f.on_empty is OnEmpty.SHED:
-                if ctx.shed_when_saturated:
-                    return Decision(status=429, reason=f.empty_reason)
+                return Decision(status=f.empty_status, reason=f.empty_reason)
+            if f.on_empty is OnEmpty.BYPASS:
                 notes.append(f"{f.empty_reason}; routed anyway")
             else:
                 fail_open = True
                 notes.append(f"{f.empty_reason}; failed open")
 
-        hashes = request.prefix_hashes
-        looked_up = self._needs_prefix and bool(hashes)
-        if looked_up:
-            ctx.prefix_matches = self.prefix_index.match(hashes, [e.address for e in candidates])
         totals = [0.0] * len(candidates)
         for weight, scorer in self._scorers:
             totals = [t + weight * v for t, v in zip(totals, scorer.score(ctx, candidates), strict=True)]
@@ -132,17 +113,35 @@ class Scheduler:
         order = self._picker.pick(ctx, candidates, totals, self._count)
         picked = candidates[order[0]]
         picked.pending += 1
-        if hashes:
-            self.prefix_index.record(picked.address, hashes)
+        for learner in self._learners:
+            learner.on_picked(ctx, picked)
         return Decision(
             endpoints=tuple(candidates[i].address for i in order),
             reason="; ".join(notes),
             fail_open=fail_open,
             scores=dict(zip([e.address for e in candidates], totals, strict=True)),
-            prompt_blocks=len(hashes) if looked_up else 0,
-            matched_blocks=ctx.prefix_matches.get(picked.address, 0) if looked_up else 0,
         )
 
-    def forget(self, address: str) -> None:
-        """Drop what the scheduler remembers of an endpoint that left its pool."""
-        self.prefix_index.purge(address)
+    def forget_endpoint(self, address: str) -> None:
+        """Tell every plugin that remembers endpoints that ``address`` left its last pool."""
+        for plugin in self._rememberers:
+            plugin.forget_endpoint(address)
+
+    def collect_metrics(self, members: Mapping[str, Sequence[str]]) -> Iterator[Any]:
+        """The metric families of every plugin that exports its own (read at Prometheus scrape time)."""
+        for plugin in self.plugins():
+            if isinstance(plugin, ExportsMetrics):
+                yield from plugin.collect_metrics(members)
+
+    def effective_settings(self) -> dict[str, Any]:
+        """The policy as it runs, every plugin's params with their defaults filled in."""
+        s = self.settings
+        return {
+            "filters": [{"name": f.name, "params": effective_params("filter", f.name, f.params)} for f in s.filters],
+            "scorers": [
+                {"name": c.name, "weight": c.weight, "params": effective_params("scorer", c.name, c.params)}
+                for c in s.scorers
+            ],
+            "picker": {"name": s.picker.name, "params": effective_params("picker", s.picker.name, s.picker.params)},
+            "fallbacks": s.fallbacks,
+        }

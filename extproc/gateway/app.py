@@ -1,0 +1,166 @@
+"""Everything `extproc serve` runs, wired together, with an orderly start and stop.
+
+The data layer (endpoint table, discovery, scraper, EDS files), the scheduler, the director, the
+gRPC server (ExternalProcessor + health) and the metrics endpoint; the config file is watched for
+new pool membership (and re-read on SIGHUP), which discovery applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from extproc.config import Config, ConfigError, load_config
+from extproc.datalayer.discovery import Discovery
+from extproc.datalayer.eds import write_eds
+from extproc.datalayer.scrape import Scraper
+from extproc.datalayer.table import EndpointTable
+from extproc.gateway.command import LOG_FORMAT
+from extproc.gateway.director import Director
+from extproc.gateway.server import SERVICE_NAME, ExternalProcessor
+from extproc.gateway.telemetry import StateCollector, Telemetry
+from extproc.scheduling.scheduler import Scheduler
+
+log = logging.getLogger("extproc")
+
+HEALTH_SERVICES = ("liveness", "readiness", SERVICE_NAME, "")
+
+
+class App:
+    """Everything `extproc serve` runs, with an orderly start and stop."""
+
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self._config_mtime = config_path.stat().st_mtime_ns if config_path else 0
+        self._reload_task: asyncio.Task[None] | None = None
+        self.table = EndpointTable(stale_after=config.scrape.stale_after)
+        self.telemetry = Telemetry()
+        self.scheduler = Scheduler.from_config(config)
+        self.table.on_removed(self.scheduler.forget_endpoint)
+        self.discovery = Discovery(config, self.table)
+        self.scraper = Scraper(config, self.table)
+        self.director = Director(config, self.table, self.scheduler, self.telemetry)
+        self.table.on_removed(self.telemetry.forget_endpoint)
+        self.telemetry.watch(StateCollector(config, self.table, self.scraper.stats, self.scheduler))
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.bound_port: int | None = None
+        if config.server.eds_dir is not None:
+            eds_dir = config.server.eds_dir
+            self.table.on_changed(lambda pool, addresses: write_eds(eds_dir, pool, addresses))
+
+    async def start(self) -> None:
+        await self.discovery.start()
+        await self.scraper.start()
+        # Whole request bodies arrive in one message: the gRPC limit must exceed the body limit.
+        max_message = self.config.limits.grpc_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_send_message_length", max_message),
+            ]
+        )
+        ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.director), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        listen = self.config.server.listen
+        try:
+            self.bound_port = server.add_insecure_port(listen)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {listen}: {exc} (is the address in use?)") from None
+        await server.start()
+        self.server = server
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.telemetry.serve(self.config.server.metrics_listen)
+        if self.config_path is not None and self.config.server.reload_interval > 0:
+            self._reload_task = asyncio.create_task(self._watch_config())
+        # Everything allocated at start-up is long-lived: keep it out of the collector's full passes,
+        # which otherwise pause the request path for milliseconds.
+        gc.freeze()
+
+    def reload(self) -> bool:
+        """Re-read the config file and let discovery apply new static endpoint lists; returns whether any changed.
+
+        An invalid file is logged and ignored: the running configuration stays.
+        """
+        assert self.config_path is not None
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("config reload: keeping the running configuration: %s", exc)
+            return False
+        return self.discovery.apply_config(new)
+
+    async def _watch_config(self) -> None:
+        assert self.config_path is not None
+        while True:
+            await asyncio.sleep(self.config.server.reload_interval)
+            try:
+                mtime = self.config_path.stat().st_mtime_ns
+            except OSError:
+                continue
+            if mtime != self._config_mtime:
+                self._config_mtime = mtime
+                self.reload()
+
+    async def stop(self) -> None:
+        """Graceful: report not-serving, stop accepting, let in-flight streams finish, then stop."""
+        if self._reload_task is not None:
+            self._reload_task.cancel()
+        for name in HEALTH_SERVICES:
+            if name != "liveness":
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server is not None:
+            await self.server.stop(self.config.server.grace_period)
+        await self.scraper.stop()
+        await self.discovery.stop()
+
+
+async def serve(config: Config, config_path: Path | None = None) -> None:
+    app = App(config, config_path)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if config_path is not None:
+        loop.add_signal_handler(signal.SIGHUP, app.reload)
+    pools = ", ".join(f"{p.name} ({', '.join(p.models)})" for p in config.pools)
+    print(
+        f"extproc serve: ext_proc on {config.server.listen}, metrics on http://{config.server.metrics_listen}/metrics, "
+        f"pools: {pools}",
+        flush=True,
+    )
+    try:
+        await stop.wait()
+    finally:
+        print("extproc serve: stopping (finishing in-flight requests)", flush=True)
+        await app.stop()
+
+
+def run(config: Config, config_path: Path | None = None) -> int:
+    from prometheus_client import disable_created_metrics
+
+    disable_created_metrics()
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    try:
+        runner(serve(config, config_path))
+    except OSError as exc:
+        print(f"extproc serve: error: {exc}", flush=True)
+        return 2
+    return 0
