@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from extproc.config import Config, DnsDiscovery, Pool, PoolEndpoints, Scrape
-from extproc.datalayer.discovery import Discovery, addresses_from_addrinfo, default_resolver, format_address
+from extproc.datalayer.discovery import Discovery
+from extproc.datalayer.dns import addresses_from_addrinfo, default_resolver, format_address
 from extproc.datalayer.scrape import Scraper
 from extproc.datalayer.table import EndpointTable
 from tests.helpers import run, wait_until

@@ -23,7 +23,7 @@ from dnslib import QTYPE, RCODE, RR, A
 from dnslib.server import BaseResolver, DNSServer
 
 from extproc.config import parse_config
-from extproc.datalayer.discovery import nameserver_resolver
+from extproc.datalayer.dns import nameserver_resolver
 from extproc.envoy.bootstrap import build_bootstrap
 from extproc.envoy.run import cluster_members, start_envoy, wait_for_members
 from extproc.local.procs import Child, extproc_argv, free_port, start_sim
