@@ -24,6 +24,14 @@ COMMANDS = (
 )
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Every command's help formatter: an option's default in its help, unless the default is None
+    (then the help text says what happens without the option)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extproc", description="Envoy ext_proc endpoint picker for vLLM, and its vLLM simulator."

@@ -18,8 +18,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from extproc.bench.routing import POLICIES, ROWS, percentile, target_check
+from extproc.bench.routing.plan import POLICIES
+from extproc.bench.routing.report import ROWS
+from extproc.bench.routing.targets import target_check
 from extproc.bench.workloads import WORKLOADS, make_workload
+from extproc.stats import percentile
 
 TIMEOUT = 240.0
 TAG_VARIABLE = "EXTPROC_TEST_TAG"

@@ -21,10 +21,10 @@ import pytest
 
 from extproc.config import Config, parse_config
 from extproc.datalayer.eds import write_eds
-from extproc.envoy.bootstrap import POOL_RESPONSE_HEADER, ROUTING_US_HEADER, build_bootstrap
+from extproc.envoy.bootstrap import build_bootstrap
 from extproc.envoy.run import cluster_members, start_envoy, wait_for_members
 from extproc.local.procs import Child, free_port, start_sim
-from extproc.names import UPSTREAM_HOST_HEADER
+from extproc.names import POOL_RESPONSE_HEADER, ROUTING_US_HEADER, UPSTREAM_HOST_HEADER
 from tests.helpers import Reply, get, post
 
 MODEL = {"1b": "llama-3-2-1b", "3b": "llama-3-2-3b"}

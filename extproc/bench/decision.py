@@ -15,6 +15,7 @@ import random
 import time
 from pathlib import Path
 
+from extproc.cli import DefaultsHelp
 from extproc.stats import percentile
 
 _VOCABULARY = (
@@ -50,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "decision",
         help="CPU time of one scheduling decision (prompt hashing, prefix matching, scoring)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
     )
     p.add_argument("--iterations", type=int, default=20_000, help="timed decisions per case")
     p.add_argument("--endpoints", type=int, default=16, help="endpoints in the pool")

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from extproc.stats import percentile
+
 
 @dataclass
 class LoadResult:
@@ -24,10 +26,8 @@ class LoadResult:
         return self.ok / self.elapsed if self.elapsed else 0.0
 
     def percentile(self, q: float) -> float:
-        if not self.latencies:
-            return float("nan")
-        values = sorted(self.latencies)
-        return values[min(len(values) - 1, int(q * len(values)))]
+        """Latency in seconds at ``q`` (0..1), as every percentile of the project (`extproc.stats.percentile`)."""
+        return percentile(self.latencies, q)
 
 
 async def closed_loop(

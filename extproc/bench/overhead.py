@@ -30,6 +30,7 @@ import grpc
 import orjson
 
 from extproc.bench.loadgen import LoadResult, closed_loop
+from extproc.cli import DefaultsHelp
 from extproc.local.procs import Child, free_port
 
 MODEL = "bench-model"
@@ -39,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "overhead",
         help="latency the picker adds over Envoy alone and over a no-op ext_proc; picker throughput",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
     )
     p.add_argument("--rate", type=float, default=200.0, help="open-loop requests per second")
     p.add_argument("--duration", type=float, default=15.0, help="seconds of open-loop load per gateway")
@@ -107,13 +108,10 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, duration: float)
 
 
 def _without_ext_proc(bootstrap: dict[str, Any]) -> dict[str, Any]:
-    from extproc.envoy.bootstrap import EXT_PROC_FILTER
+    from extproc.envoy.bootstrap import EXT_PROC_FILTER, connection_managers
 
-    for listener in bootstrap["static_resources"]["listeners"]:
-        for chain in listener["filter_chains"]:
-            for net_filter in chain["filters"]:
-                manager = net_filter["typed_config"]
-                manager["http_filters"] = [f for f in manager["http_filters"] if f["name"] != EXT_PROC_FILTER]
+    for manager in connection_managers(bootstrap):
+        manager["http_filters"] = [f for f in manager["http_filters"] if f["name"] != EXT_PROC_FILTER]
     return bootstrap
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import orjson
 
 from extproc.bench.loadgen import closed_loop
+from extproc.cli import DefaultsHelp
 from extproc.local.procs import free_port, start_sim
 
 
@@ -25,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "sim",
         help="throughput of one simulator process (time scale 0, short completions)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
     )
     p.add_argument("--duration", type=float, default=10.0, help="seconds measured per case")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds sent before measuring")

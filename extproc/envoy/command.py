@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from extproc.cli import DefaultsHelp
 from extproc.config import ConfigError, load_config
 
 
@@ -72,7 +73,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "envoy-config",
         help="write the Envoy bootstrap for an extproc configuration",
         description="Write Envoy's bootstrap (listener, ext_proc filter, one override_host cluster per pool).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
     )
     _add_arguments(p)
     p.set_defaults(func=run)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from extproc.cli import DefaultsHelp
+
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from extproc.sim.config import PRESETS
@@ -17,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "/health and vLLM's /metrics, with a block-based prefix cache and a latency model. "
             "Latency options default to the chosen --preset."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
     )
     p.add_argument("--model", required=True, help="model name the replica serves (as vLLM's --model)")
     p.add_argument("--served-model-name", nargs="+", default=None, help="names to serve instead of --model")

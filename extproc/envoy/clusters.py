@@ -1,0 +1,209 @@
+"""Envoy's upstream side: one cluster per pool, which only lets the picker choose among the pool's members, and
+the cluster of the ext_proc itself.
+
+A pool cluster ``pool-<name>`` has the ``override_host`` load-balancing policy: it sends a request to the endpoint
+the ext_proc named (dynamic metadata ``envoy.lb`` / ``x-gateway-destination-endpoint``, then the header of that
+name) **only if that endpoint is a member of the cluster**, and otherwise falls back to round robin (or least
+request). So an ext_proc outage (``failure_mode_allow``) or a spoofed client header degrades to Envoy's own
+balancing inside the right pool, never to an arbitrary address. Members are STATIC / strict DNS from the
+configuration, or, with ``eds_dir``, EDS read from one file per pool that the ext_proc rewrites when membership
+changes (Envoy watches the directory: no restart).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from extproc.config import Config, Pool, parse_host_port
+from extproc.datalayer.eds import eds_path, write_eds
+from extproc.envoy.proto import (
+    AnyProto,
+    Struct,
+    address,
+    cluster,
+    core,
+    dns_cluster,
+    dns_common,
+    endpoint,
+    least_request,
+    metadata,
+    override_host,
+    round_robin,
+    seconds,
+    typed,
+    upstream_http,
+)
+from extproc.names import DESTINATION_KEY, LB_NAMESPACE
+
+# Pool clusters carry their pool name as metadata, so a formatter can name the pool without the "pool-" prefix.
+CLUSTER_METADATA_NAMESPACE = "extproc"
+CLUSTER_METADATA_POOL = "pool"
+
+EXT_PROC_CLUSTER = "extproc"
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+Fallback = Literal["round_robin", "least_request"]
+
+
+def pool_cluster_name(pool: Pool | str) -> str:
+    return f"pool-{pool if isinstance(pool, str) else pool.name}"
+
+
+def _load_assignment(name: str, addresses: Sequence[core.Address]) -> endpoint.ClusterLoadAssignment:
+    return endpoint.ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[
+            endpoint.LocalityLbEndpoints(
+                lb_endpoints=[endpoint.LbEndpoint(endpoint=endpoint.Endpoint(address=a)) for a in addresses]
+            )
+        ],
+    )
+
+
+def _protocol_options(http2: bool) -> dict[str, AnyProto]:
+    explicit = (
+        upstream_http.HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=core.Http2ProtocolOptions())
+        if http2
+        else upstream_http.HttpProtocolOptionsExplicitHttpConfig(http_protocol_options=core.Http1ProtocolOptions())
+    )
+    return {HTTP_PROTOCOL_OPTIONS: AnyProto.pack(upstream_http.HttpProtocolOptions(explicit_http_config=explicit))}
+
+
+def _override_host_policy(fallback: Fallback) -> cluster.LoadBalancingPolicy:
+    """Endpoint from the ext_proc's metadata, else from the header; non-members are skipped; else fallback."""
+    if fallback == "round_robin":
+        fallback_lb = typed("envoy.load_balancing_policies.round_robin", round_robin.RoundRobin())
+    elif fallback == "least_request":
+        fallback_lb = typed("envoy.load_balancing_policies.least_request", least_request.LeastRequest())
+    else:
+        raise ValueError(f"fallback must be 'round_robin' or 'least_request', not {fallback!r}")
+    policy = override_host.OverrideHost(
+        override_host_sources=[
+            override_host.OverrideHostOverrideHostSource(
+                metadata=metadata.MetadataKey(
+                    key=LB_NAMESPACE, path=[metadata.MetadataKeyPathSegment(key=DESTINATION_KEY)]
+                )
+            ),
+            override_host.OverrideHostOverrideHostSource(header=DESTINATION_KEY),
+        ],
+        fallback_policy=cluster.LoadBalancingPolicy(policies=[cluster.LoadBalancingPolicyPolicy(fallback_lb)]),
+    )
+    return cluster.LoadBalancingPolicy(
+        policies=[cluster.LoadBalancingPolicyPolicy(typed("envoy.load_balancing_policies.override_host", policy))]
+    )
+
+
+def pool_cluster(pool: Pool, fallback: Fallback, eds_dir: str | None = None) -> cluster.Cluster:
+    """The pool's cluster: EDS from ``eds_dir`` if given, else its static members or its DNS name."""
+    name = pool_cluster_name(pool)
+    common: dict[str, Any] = {
+        "name": name,
+        "connect_timeout": seconds(1),
+        "typed_extension_protocol_options": _protocol_options(http2=False),
+        "load_balancing_policy": _override_host_policy(fallback),
+        # The pool's name without the cluster prefix, for the x-gateway-pool response header (CLUSTER_METADATA).
+        "metadata": core.Metadata(
+            filter_metadata={CLUSTER_METADATA_NAMESPACE: Struct.from_dict({CLUSTER_METADATA_POOL: pool.name})}
+        ),
+    }
+    if eds_dir is not None:
+        # Membership from a file the ext_proc rewrites (datalayer.eds.write_eds: write, then rename into eds_dir).
+        # Envoy watches the directory for files moved into it, and re-reads the path on each such event.
+        source = core.ConfigSource(
+            path_config_source=core.PathConfigSource(
+                path=str(eds_path(eds_dir, pool.name)), watched_directory=core.WatchedDirectory(path=eds_dir)
+            ),
+            resource_api_version=core.ApiVersion.V3,
+        )
+        return cluster.Cluster(
+            type=cluster.ClusterDiscoveryType.EDS,
+            eds_cluster_config=cluster.ClusterEdsClusterConfig(eds_config=source),
+            **common,
+        )
+    if pool.endpoints.static is not None:
+        return cluster.Cluster(
+            type=cluster.ClusterDiscoveryType.STATIC,
+            load_assignment=_load_assignment(name, [address(a) for a in pool.endpoints.static]),
+            **common,
+        )
+    dns = pool.endpoints.dns
+    assert dns is not None  # Config guarantees exactly one source
+    # Strict DNS semantics (every address is an endpoint) through the `envoy.clusters.dns` extension: the
+    # Cluster-level dns_refresh_rate that STRICT_DNS uses is deprecated in 1.40 and warns at every start.
+    discovery = dns_cluster.DnsCluster(
+        dns_refresh_rate=seconds(dns.interval),
+        respect_dns_ttl=False,
+        # ALL: every A and AAAA record is a member, as the ext_proc's DNS discovery sees them.
+        dns_lookup_family=dns_common.DnsLookupFamily.ALL,
+        all_addresses_in_single_endpoint=False,
+    )
+    if dns.nameservers is not None:  # the same DNS servers the ext_proc asks
+        from envoy_data_plane.envoy.extensions.network.dns_resolver.cares import v3 as cares
+
+        resolver = cares.CaresDnsResolverConfig(
+            resolvers=[
+                core.Address(socket_address=core.SocketAddress(address=ip, port_value=port))
+                for ip, port in dns.nameserver_addresses()
+            ]
+        )
+        discovery.typed_dns_resolver_config = typed("envoy.network.dns_resolver.cares", resolver)
+    return cluster.Cluster(
+        cluster_type=cluster.ClusterCustomClusterType(name="envoy.clusters.dns", typed_config=AnyProto.pack(discovery)),
+        load_assignment=_load_assignment(
+            name, [core.Address(socket_address=core.SocketAddress(address=dns.name, port_value=dns.port))]
+        ),
+        **common,
+    )
+
+
+def write_initial_eds(config: Config, eds_dir: str) -> list[Path]:
+    """The EDS files Envoy reads at start: static pools from the configuration, others empty if missing.
+
+    Envoy refuses a bootstrap whose EDS path does not exist, so every pool gets a file. A DNS pool's file
+    is left alone when it exists (the ext_proc resolves the name and keeps it current), else written empty
+    until the ext_proc's first resolution.
+    """
+    written = []
+    for pool in config.pools:
+        if pool.endpoints.static is not None:
+            written.append(write_eds(eds_dir, pool.name, pool.endpoints.static))
+        elif not eds_path(eds_dir, pool.name).exists():
+            written.append(write_eds(eds_dir, pool.name, []))
+    return written
+
+
+def _is_hostname(value: str) -> bool:
+    if value.startswith("unix:"):
+        return False
+    host, _port = parse_host_port(value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return False
+
+
+def ext_proc_cluster(ext_proc: str) -> cluster.Cluster:
+    """HTTP/2 to the ext_proc: a STATIC cluster for an IP or unix socket; for a name (a compose service, a Kubernetes
+    Service) DNS, one logical host re-resolved every few seconds, so the ext_proc can move without an Envoy restart."""
+    common: dict[str, Any] = {
+        "name": EXT_PROC_CLUSTER,
+        "connect_timeout": seconds(0.25),
+        "typed_extension_protocol_options": _protocol_options(http2=True),
+        "load_assignment": _load_assignment(EXT_PROC_CLUSTER, [address(ext_proc)]),
+    }
+    if not _is_hostname(ext_proc):
+        return cluster.Cluster(type=cluster.ClusterDiscoveryType.STATIC, **common)
+    discovery = dns_cluster.DnsCluster(
+        dns_refresh_rate=seconds(5),
+        respect_dns_ttl=False,
+        dns_lookup_family=dns_common.DnsLookupFamily.V4_PREFERRED,
+        all_addresses_in_single_endpoint=True,  # logical DNS: one connection target, whichever address answers
+    )
+    return cluster.Cluster(
+        cluster_type=cluster.ClusterCustomClusterType(name="envoy.clusters.dns", typed_config=AnyProto.pack(discovery)),
+        **common,
+    )
