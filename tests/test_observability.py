@@ -16,10 +16,9 @@ import orjson
 import pytest
 
 from extproc.local.dashboards import AB_SHARE_TITLE, panel_queries
-from extproc.local.demo import AB_ROUTE, AB_WEIGHTS, SPLIT_SETTINGS
+from extproc.local.multi_model import AB_ROUTE, AB_WEIGHTS, POOLS, SPLIT_SETTINGS
 from extproc.local.prometheus import Prometheus, start_prometheus
 from extproc.local.stack import Stack, start_stack
-from extproc.local.up import DEFAULT_POOLS
 from tests.helpers import prometheus_missing
 
 AB_REQUESTS = 3000  # 70/30 draws: standard error 0.84 points, so the 3-point check is a 3.6-sigma band
@@ -32,7 +31,7 @@ pytestmark = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Prometheus, dict[str, int]]]:
     log_dir = tmp_path_factory.mktemp("observability")
-    stack = start_stack(log_dir, DEFAULT_POOLS, settings=SPLIT_SETTINGS)
+    stack = start_stack(log_dir, POOLS, settings=SPLIT_SETTINGS)
     try:
         prometheus = start_prometheus(stack, log_dir)
         prometheus.wait_targets_up(timeout=30)

@@ -6,6 +6,11 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from extproc.config import Config
+    from extproc.scheduling.scheduler import Scheduler
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -25,16 +30,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=run)
 
 
+def check_config(path: str | Path) -> tuple[Config, Scheduler]:
+    """Load a configuration file and build its scheduler, as the picker would: every error (the file, a plugin
+    name, a plugin's params) raises ConfigError here, at start, never on a request."""
+    from extproc.config import load_config
+    from extproc.scheduling.scheduler import Scheduler
+
+    config = load_config(path)
+    return config, Scheduler.from_config(config)
+
+
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from extproc.config import ConfigError, load_config
-    from extproc.scheduling.scheduler import Scheduler
+    from extproc.config import ConfigError
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # config warnings (moved keys) show here
     try:
-        config = load_config(args.config)
-        scheduler = Scheduler.from_config(config)  # unknown plugins and bad plugin params fail here, not on a request
+        config, scheduler = check_config(args.config)
     except ConfigError as exc:
         print(f"extproc serve: {exc}", file=sys.stderr)
         return 2

@@ -21,9 +21,8 @@ from typing import Any
 
 import yaml
 
-from extproc.config import parse_host_port
 from extproc.local.procs import Child, free_port
-from extproc.local.stack import Stack
+from extproc.local.stack import Stack, local_address
 
 ENV_VAR = "EXTPROC_PROMETHEUS"
 INSTALL_HINT = (
@@ -65,12 +64,22 @@ def _duration(seconds: float) -> str:
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
-def _local_target(listen: str) -> str:
-    """A listen address as a scrape target: a wildcard host (0.0.0.0, ::, empty) is reached on 127.0.0.1."""
-    host, port = parse_host_port(listen, "metrics_listen")
-    if host in ("", "0.0.0.0", "::", "[::]"):
-        host = "127.0.0.1"
-    return f"{host}:{port}"
+def _model_servers(stack: Stack) -> list[dict[str, Any]]:
+    """The ``vllm`` job's target groups, one per pool: the simulators the stack started or, for a user's own file
+    (`extproc up --config`), its pools' static endpoints at their metrics port and path. DNS pools are left out:
+    Prometheus would need the same name resolved, which only the picker does here."""
+    if stack.sims:
+        return [{"targets": [r.address for r in rs], "labels": {"pool": pool}} for pool, rs in stack.sims.items()]
+    groups = []
+    for pool in stack.config.pools:
+        if not pool.endpoints.static:
+            continue
+        targets = [f"{a.rsplit(':', 1)[0]}:{pool.metrics.port or a.rsplit(':', 1)[1]}" for a in pool.endpoints.static]
+        labels = {"pool": pool.name}
+        if pool.metrics.path != "/metrics":
+            labels["__metrics_path__"] = pool.metrics.path  # Prometheus's per-target path
+        groups.append({"targets": targets, "labels": labels})
+    return groups
 
 
 def scrape_config(stack: Stack, scrape_interval: float = 1.0) -> dict[str, Any]:
@@ -89,14 +98,11 @@ def scrape_config(stack: Stack, scrape_interval: float = 1.0) -> dict[str, Any]:
             },
             {
                 "job_name": "extproc",
-                "static_configs": [{"targets": [_local_target(stack.config.server.metrics_listen)]}],
+                "static_configs": [{"targets": [local_address(stack.config.server.metrics_listen)]}],
             },
             {
                 "job_name": "vllm",
-                "static_configs": [
-                    {"targets": [r.address for r in replicas], "labels": {"pool": pool}}
-                    for pool, replicas in stack.sims.items()
-                ],
+                "static_configs": _model_servers(stack),
             },
         ],
     }
@@ -119,9 +125,10 @@ class Prometheus:
 
     def describe(self, stack: Stack) -> str:
         """One line for the demo and ``up``: where it is and what it scrapes."""
-        sims = sum(len(replicas) for replicas in stack.sims.values())
+        servers = sum(len(group["targets"]) for group in _model_servers(stack))
+        kind = "simulators" if stack.sims else "model servers"
         return (
-            f"Prometheus: http://localhost:{self.port} (scrapes Envoy, the picker and {sims} simulators "
+            f"Prometheus: http://localhost:{self.port} (scrapes Envoy, the picker and {servers} {kind} "
             f"every {self.scrape_interval:g} s); Grafana dashboards: see docs/dashboards.md"
         )
 

@@ -1,7 +1,8 @@
 """A whole local gateway as child processes: simulated vLLM pools, the ext_proc, and Envoy.
 
-The demo, the benchmarks and the end-to-end tests all start the same stack from here, so what the
-tests prove is what the demo runs.
+The demo, `extproc up`, the benchmarks and the end-to-end tests all start the same stack from here, so
+what the tests prove is what the demo runs; `extproc up --config` starts the same picker and Envoy for a
+user's own file, in front of model servers that are already running.
 """
 
 from __future__ import annotations
@@ -13,8 +14,16 @@ from typing import Any
 
 import yaml
 
-from extproc.config import Config, parse_config
+from extproc.config import Config, parse_config, parse_host_port
 from extproc.local.procs import Child, extproc_argv, free_port, start_sim
+
+
+def local_address(listen: str) -> str:
+    """A listen address as this machine reaches it: a wildcard host (0.0.0.0, ::, empty) becomes 127.0.0.1."""
+    host, port = parse_host_port(listen, "listen")
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,7 @@ class Stack:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.config.server.metrics_listen}/metrics"
+        return f"http://{local_address(self.config.server.metrics_listen)}/metrics"
 
     def replica_by_address(self, address: str) -> SimReplica | None:
         for replicas in self.sims.values():
@@ -104,12 +113,7 @@ def start_stack(
     ``settings`` are extra top-level config sections (scheduler, scrape, limits, prefix) merged over
     the defaults. If anything fails to start, whatever did start is stopped before the error propagates.
     """
-    # Envoy's typed config classes take a second to import: only when a stack really starts.
-    from extproc.envoy.bootstrap import build_bootstrap
-    from extproc.envoy.run import start_envoy
-
     log_dir.mkdir(parents=True, exist_ok=True)
-    stack: Stack | None = None
     started: list[Child] = []
     try:
         sims: dict[str, list[SimReplica]] = {}
@@ -152,20 +156,39 @@ def start_stack(
             admin_port=admin_port or free_port(),
             sims=sims,
         )
+    except BaseException:
+        for child in started:
+            child.stop()
+        raise
+    return start_picker_and_envoy(stack, with_extproc=with_extproc, bootstrap_options=bootstrap_options)
+
+
+def start_picker_and_envoy(
+    stack: Stack, *, with_extproc: bool = True, bootstrap_options: dict[str, Any] | None = None
+) -> Stack:
+    """Start the ext_proc for ``stack.config_path`` (unless ``with_extproc`` is False), then Envoy in front of it.
+
+    The one start of the gateway, for the simulated stack and for a user's own file (`extproc up --config`),
+    whose model servers are already running. Envoy's bootstrap comes from the same config, listening on
+    ``gateway_port`` with its admin on ``admin_port``. If anything fails to start, everything the stack holds
+    (its simulators too) is stopped before the error propagates.
+    """
+    # Envoy's typed config classes take a second to import: only when a stack really starts.
+    from extproc.envoy.bootstrap import build_bootstrap
+    from extproc.envoy.run import start_envoy
+
+    stack.log_dir.mkdir(parents=True, exist_ok=True)
+    try:
         if with_extproc:
             stack.start_extproc()
         bootstrap = build_bootstrap(
-            config,
+            stack.config,
             listen=f"127.0.0.1:{stack.gateway_port}",
             admin=f"127.0.0.1:{stack.admin_port}",
             **(bootstrap_options or {}),
         )
-        stack.envoy = start_envoy(bootstrap, log_dir, stack.admin_port)
+        stack.envoy = start_envoy(bootstrap, stack.log_dir, stack.admin_port)
         return stack
     except BaseException:
-        if stack is not None:
-            stack.stop()
-        else:
-            for child in started:
-                child.stop()
+        stack.stop()
         raise
