@@ -155,6 +155,11 @@ class Scrape(_Strict):
     interval: float = Field(default=0.05, gt=0, description="seconds between scrapes of one endpoint")
     timeout: float = Field(default=1.0, gt=0, description="seconds before a scrape counts as failed")
     stale_after: float = Field(default=2.0, gt=0, description="seconds after which a snapshot is stale")
+    only_needed_series: bool = Field(
+        default=True,
+        description="ask /metrics only for the series the picker reads (name[]=..., honoured by vLLM's "
+        "prometheus_client endpoint); a server that ignores it sends the whole page, which works too",
+    )
 
 
 class PluginSpec(_Strict):

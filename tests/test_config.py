@@ -82,7 +82,14 @@ def test_check_prints_the_configuration_as_it_would_run(tmp_path: Path) -> None:
     assert [f["name"] for f in scheduler["filters"]] == ["subset", "healthy", "not_saturated"]
     assert scheduler["filters"][2]["params"] == {"queue_threshold": 5, "kv_cache_threshold": 0.8, "shed": False}
     prefix = next(s for s in scheduler["scorers"] if s["name"] == "prefix")
-    assert prefix["params"] == {"min_blocks": 16, "block_chars": 64, "max_blocks": 16384, "max_prompt_blocks": 256}
+    assert prefix["params"] == {
+        "min_blocks": 16,
+        "block_chars": 64,
+        "max_blocks": 16384,
+        "max_prompt_blocks": 256,
+        "capacity_aware": True,
+        "chars_per_token": 4.0,
+    }
     assert effective["scrape"]["stale_after"] == 2.0
 
 

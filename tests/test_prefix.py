@@ -198,3 +198,17 @@ def test_memory_is_bounded() -> None:
 def test_bad_bound() -> None:
     with pytest.raises(ValueError, match="max_blocks"):
         PrefixIndex(max_blocks=0)
+
+
+def test_a_smaller_limit_bounds_one_endpoint_and_keeps_heads() -> None:
+    index = PrefixIndex(max_blocks=100)
+    index.record(A, chain("sys", 30), limit=20)  # the endpoint can hold 20 blocks: the first 20 stay
+    index.record(B, chain("sys", 30))
+    assert (index.size(A), index.size(B)) == (20, 30)
+    assert index.match(chain("sys", 30), [A, B]) == {A: 20, B: 30}
+    index.record(A, chain("other", 10), limit=20)  # the new prompt displaces the old one's tail
+    assert index.match(chain("sys", 30), [A])[A] == 10
+    assert index.match(chain("other", 10), [A])[A] == 10
+    index.record(A, chain("other", 10), limit=500)  # a limit above max_blocks changes nothing
+    assert index.size(A) == 20
+    assert_consistent(index)

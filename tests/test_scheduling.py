@@ -393,3 +393,14 @@ def test_tie_tolerance_is_a_param_of_max_score() -> None:
     assert {strict.schedule(request(strict), eps, NOW).endpoints[0] for _ in range(6)} == {eps[0].address}
     loose = scheduler(scorers=scorers(kv_cache=1), picker={"name": "max_score", "params": {"tie_tolerance": 0.5}})
     assert {loose.schedule(request(loose), eps, NOW).endpoints[0] for _ in range(6)} == {e.address for e in eps}
+
+
+def test_the_prefix_index_holds_no_more_than_an_endpoint_can_cache() -> None:
+    """An endpoint exporting its KV capacity (vllm:cache_config_info) is remembered for what fits in it."""
+    text = SYSTEM + "a question about rivers " * 400  # ~9,700 characters: 151 blocks of 64
+    for capacity_aware, expected in ((True, 2_000 * 4 // 64), (False, len(text) // 64)):
+        s = scheduler(scorers=[{"name": "prefix", "weight": 1, "params": {"capacity_aware": capacity_aware}}])
+        eps = endpoints(1, cache_tokens=2_000)  # 2,000 tokens of KV cache: ~125 blocks of 64 characters
+        s.schedule(request(s, text), eps, NOW)
+        prefix = next(p for p in s.plugins() if isinstance(p, PrefixScorer))
+        assert prefix.index.size(eps[0].address) == expected

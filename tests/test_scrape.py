@@ -9,12 +9,15 @@ import time
 
 import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest, start_http_server
+from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.config import Config, MetricsSource, Pool, PoolEndpoints, Scrape
 from extproc.datalayer.endpoint import EndpointState
 from extproc.datalayer.scrape import MetricsParseError, Scraper, metrics_url, parse_vllm_metrics
 from extproc.datalayer.table import EndpointTable
+from extproc.local.procs import free_port
 from tests.helpers import get, post, run, wait_until
 
 FAST = Scrape(interval=0.05, timeout=0.3)
@@ -366,3 +369,70 @@ def test_stop_is_clean_even_while_scrapes_hang(start_simulator) -> None:
             post(f"{sim.base}/sim/faults", {"hang": False})
 
     run(go())
+
+
+def test_parser_reads_the_kv_capacity_of_every_engine() -> None:
+    page = b"""\
+vllm:num_requests_waiting{engine="0",model_name="m"} 0
+vllm:num_requests_running{engine="0",model_name="m"} 0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0
+vllm:cache_config_info{block_size="16",cache_dtype="auto",engine="0",num_gpu_blocks="1000"} 1.0
+vllm:cache_config_info{block_size="16",cache_dtype="auto",engine="1",num_gpu_blocks="500"} 1.0
+"""
+    assert parse_vllm_metrics(page).cache_tokens == 1500 * 16
+    unsized = page.replace(b'num_gpu_blocks="500"', b'num_gpu_blocks="None"')
+    assert parse_vllm_metrics(unsized).cache_tokens is None  # unknown, never too small
+    assert parse_vllm_metrics(page.split(b"vllm:cache_config_info")[0]).cache_tokens is None
+
+
+class _CountingCollector:
+    """A named metric family that counts how often the server rendered it."""
+
+    def __init__(self) -> None:
+        self.collected = 0
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily("vllm:request_prefill_time_seconds", "big")]
+
+    def collect(self) -> list[Metric]:
+        self.collected += 1
+        family = HistogramMetricFamily("vllm:request_prefill_time_seconds", "big", labels=["model_name"])
+        family.add_metric(["m"], [(str(b), b) for b in range(1, 40)] + [("+Inf", 40)], 100.0)
+        return [family]
+
+
+def test_scraper_asks_a_prometheus_client_server_only_for_what_it_reads() -> None:
+    """prometheus_client's exposition (what vLLM mounts at /metrics) honours ``name[]``: the scraper's request
+    makes the model server render three gauges and the cache info, not its histograms."""
+    registry = CollectorRegistry()
+    labels = ["model_name", "engine"]
+    Gauge("vllm:num_requests_waiting", "w", labels, registry=registry).labels("m", "0").set(3)
+    Gauge("vllm:num_requests_running", "r", labels, registry=registry).labels("m", "0").set(5)
+    Gauge("vllm:kv_cache_usage_perc", "k", labels, registry=registry).labels("m", "0").set(0.25)
+    info = Gauge("vllm:cache_config_info", "c", ["block_size", "num_gpu_blocks"], registry=registry)
+    info.labels("16", "1000").set(1)
+    big = _CountingCollector()
+    registry.register(big)
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    table = table_of("p", f"127.0.0.1:{port}")
+
+    async def go() -> None:
+        scraper = Scraper(config(FAST), table)
+        await scraper.start()
+        try:
+            endpoint = state(table, f"127.0.0.1:{port}")
+            await wait_until(lambda: scraper.stats[endpoint.address].successes >= 3, what="three scrapes")
+            assert (endpoint.waiting, endpoint.running, endpoint.kv_usage) == (3, 5, 0.25)
+            assert endpoint.cache_tokens == 16_000
+        finally:
+            await scraper.stop()
+
+    try:
+        run(go())
+    finally:
+        server.shutdown()
+        thread.join(5)
+    assert big.collected == 0
+    assert parse_vllm_metrics(generate_latest(registry)).waiting == 3  # the whole page parses the same
+    assert big.collected == 1

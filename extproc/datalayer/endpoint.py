@@ -22,6 +22,8 @@ class EndpointState:
     waiting,      the scraper                      vLLM's queue, batch and KV-cache use (0..1) as of
     running,                                       the latest good scrape
     kv_usage
+    cache_tokens  the scraper                      KV-cache capacity in tokens (vllm:cache_config_info;
+                                                   None until known)
     scraped_at    the scraper                      when that scrape finished (monotonic s; None =
                                                    never)
     scrape_ok     the scraper                      whether the most recent attempt succeeded
@@ -39,6 +41,7 @@ class EndpointState:
     scrape_ok: bool = False
     pending: int = 0
     stale_after: float = DEFAULT_STALE_AFTER
+    cache_tokens: int | None = None
 
     def fresh(self, now: float) -> bool:
         """The latest scrape succeeded and is at most ``stale_after`` seconds old at ``now``."""

@@ -1,9 +1,12 @@
 """vLLM /metrics -> the load figures in each `EndpointState`, scraped in the background.
 
 The scraper runs in the same process and on the same event loop as the gRPC server, at ~20 scrapes per
-second per endpoint, so each scrape is kept cheap: one keep-alive aiohttp session, the raw body as bytes
-(no decompression, no decoding), and a parser that only looks for the three series the picker needs
-instead of parsing the whole page. Each endpoint has its own task, so a slow or hung endpoint only
+second per endpoint, so each scrape is kept cheap for both sides: it asks only for the series it reads
+(``?name[]=...``, which vLLM's prometheus_client endpoint honours: the model server then renders a few
+lines instead of every histogram, ~1.5 ms of its event loop per scrape for the simulator's full page), one
+keep-alive aiohttp session, the raw body as bytes (no decompression, no decoding), and a parser that only
+looks for those series instead of parsing the whole page (a server that ignores the filter sends the
+whole page, which parses the same). Each endpoint has its own task, so a slow or hung endpoint only
 delays itself; failing endpoints are retried with exponential back-off.
 """
 
@@ -15,6 +18,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -30,6 +34,8 @@ WAITING = b"vllm:num_requests_waiting"
 RUNNING = b"vllm:num_requests_running"
 KV_USAGE = b"vllm:kv_cache_usage_perc"
 KV_USAGE_LEGACY = b"vllm:gpu_cache_usage_perc"  # vLLM v0 engine and early v1 releases
+CACHE_CONFIG = b"vllm:cache_config_info"  # labels num_gpu_blocks and block_size: the KV capacity
+SERIES = (WAITING, RUNNING, KV_USAGE, KV_USAGE_LEGACY, CACHE_CONFIG)  # all the picker reads
 
 
 class MetricsParseError(ValueError):
@@ -43,24 +49,22 @@ class VllmLoad(NamedTuple):
     running: float
     kv_usage: float  # mean over the label sets, 0..1
     series: int  # label sets (engines / model names) the KV figure came from
+    cache_tokens: int | None = None  # KV-cache capacity in tokens (all engines), None if not exported
 
 
-def _samples(data: bytes, name: bytes) -> list[float]:
-    """Values of every sample of ``name`` (any labels) in Prometheus text; [] if there are none.
+def _sample_lines(data: bytes, name: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """``(labels, rest)`` of every sample line of ``name`` in Prometheus text: the text between the braces
+    (empty without labels) and what follows them (the value, maybe a timestamp).
 
     Finds lines that start with exactly ``name`` followed by ``{`` or a space, so longer names that share
     the prefix (``..._by_reason``) and ``# HELP``/``# TYPE`` lines never match. Label values may hold any
-    character; the value follows the last ``}`` on the line, and a timestamp after it is ignored.
+    character; the value follows the last ``}`` on the line.
     """
-    out: list[float] = []
     size = len(name)
     needle = b"\n" + name
-    if data.startswith(name):
-        start = 0
-    else:
-        start = data.find(needle) + 1
-        if start == 0:
-            return out
+    start = 0 if data.startswith(name) else data.find(needle) + 1
+    if start == 0 and not data.startswith(name):
+        return
     while True:
         end = data.find(b"\n", start)
         if end < 0:
@@ -68,24 +72,54 @@ def _samples(data: bytes, name: bytes) -> list[float]:
         delimiter = data[start + size : start + size + 1]
         if delimiter == b"{":
             close = data.rfind(b"}", start, end)
-            rest: bytes | None = data[close + 1 : end] if close > start + size else b""
+            if close > start + size:
+                yield data[start + size + 1 : close], data[close + 1 : end]
+            else:
+                yield b"", b""  # a label set that never closes: malformed
         elif delimiter in (b" ", b"\t"):
-            rest = data[start + size : end]
-        else:
-            rest = None  # a longer metric name that shares this prefix
-        if rest is not None:
-            parts = rest.split()
-            try:
-                value = float(parts[0])
-            except (IndexError, ValueError):
-                line = data[start:end][:200].decode(errors="replace")
-                raise MetricsParseError(f"malformed sample: {line!r}") from None
-            if not math.isfinite(value):
-                raise MetricsParseError(f"{name.decode()} is {value}")
-            out.append(value)
+            yield b"", data[start + size : end]
         start = data.find(needle, end) + 1
         if start == 0:
-            return out
+            return
+
+
+def _samples(data: bytes, name: bytes) -> list[float]:
+    """Values of every sample of ``name`` (any labels); [] if there are none; a timestamp is ignored."""
+    out: list[float] = []
+    for _labels, rest in _sample_lines(data, name):
+        parts = rest.split()
+        try:
+            value = float(parts[0])
+        except (IndexError, ValueError):
+            raise MetricsParseError(f"malformed sample of {name.decode()}: {rest[:200]!r}") from None
+        if not math.isfinite(value):
+            raise MetricsParseError(f"{name.decode()} is {value}")
+        out.append(value)
+    return out
+
+
+def _label_int(labels: bytes, key: bytes) -> int | None:
+    start = labels.find(key + b'="')
+    if start < 0:
+        return None
+    start += len(key) + 2
+    value = labels[start : labels.find(b'"', start)]
+    return int(value) if value.isdigit() else None
+
+
+def _cache_tokens(data: bytes) -> int | None:
+    """KV capacity in tokens from ``vllm:cache_config_info{num_gpu_blocks, block_size}``, summed over engines.
+
+    An engine whose labels are missing or not integers (vLLM reports ``None`` before its cache is sized)
+    makes the whole figure unknown rather than too small.
+    """
+    total = 0
+    for labels, _rest in _sample_lines(data, CACHE_CONFIG):
+        blocks, size = _label_int(labels, b"num_gpu_blocks"), _label_int(labels, b"block_size")
+        if blocks is None or size is None:
+            return None
+        total += blocks * size
+    return total or None
 
 
 def parse_vllm_metrics(data: bytes) -> VllmLoad:
@@ -111,7 +145,7 @@ def parse_vllm_metrics(data: bytes) -> VllmLoad:
             if not values
         ]
         raise MetricsParseError(f"no {', '.join(missing)} in the page (is this a vLLM /metrics endpoint?)")
-    return VllmLoad(sum(waiting), sum(running), sum(kv) / len(kv), len(kv))
+    return VllmLoad(sum(waiting), sum(running), sum(kv) / len(kv), len(kv), _cache_tokens(data))
 
 
 @dataclass(slots=True)
@@ -234,8 +268,11 @@ class Scraper:
         source = self._metrics.get(states[0].pool) if states else None
         url = metrics_url(address, source or MetricsSource())
         stats = self.stats[address] = ScrapeStats(address=address, url=url, next_delay=self._interval)
+        target = URL(url)
+        if self._scrape.only_needed_series:
+            target = target.with_query([("name[]", name.decode()) for name in SERIES])
         self._tasks[address] = asyncio.get_running_loop().create_task(
-            self._run(address, URL(url), stats), name=f"scrape:{address}"
+            self._run(address, target, stats), name=f"scrape:{address}"
         )
 
     # ----- scraping ---------------------------------------------------------------------------
@@ -283,6 +320,7 @@ class Scraper:
             state.waiting = load.waiting
             state.running = load.running
             state.kv_usage = load.kv_usage
+            state.cache_tokens = load.cache_tokens
             state.scraped_at = now
             state.scrape_ok = True
             state.pending = 0

@@ -86,8 +86,11 @@ class PrefixIndex:
             result[owner[low]] = depth
             mask ^= low
 
-    def record(self, address: str, hashes: Sequence[int]) -> None:
+    def record(self, address: str, hashes: Sequence[int], limit: int | None = None) -> None:
         """Remember that ``address`` now holds these blocks; evict its least recently used beyond the bound.
+
+        The bound is ``max_blocks``, or ``limit`` when smaller: what the endpoint can really hold (its KV
+        capacity), so the index never believes it still holds what it must have evicted.
 
         ``hashes`` must be a whole chain from the prompt's first block, as ``prompt_hashes`` makes.
         Blocks are touched last to first, so the head of a prompt is the most recent: under
@@ -115,7 +118,8 @@ class PrefixIndex:
             else:
                 lru[h] = None
                 holders[h] = get(h, 0) | bit
-        for _ in range(len(lru) - self.max_blocks):
+        bound = self.max_blocks if limit is None else max(1, min(limit, self.max_blocks))
+        for _ in range(len(lru) - bound):
             old, _none = lru.popitem(last=False)
             self._drop(old, bit)
 

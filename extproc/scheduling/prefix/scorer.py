@@ -45,16 +45,32 @@ class PrefixScorer:
     only from 11 matched blocks (~170 tokens) on; below that, load decides and affinity breaks ties.
 
     Params: ``block_chars`` characters per block (~16 tokens at the default 64), ``max_prompt_blocks``
-    leading blocks of a prompt that are hashed, ``max_blocks`` blocks remembered per endpoint (LRU).
+    leading blocks of a prompt that are hashed, ``max_blocks`` blocks remembered per endpoint (LRU) at most.
+    With ``capacity_aware`` an endpoint that exports its KV capacity (``vllm:cache_config_info``) is
+    remembered for at most what fits in it, at ``chars_per_token`` characters per token: a replica with
+    16,000 tokens of cache cannot still hold 16,384 blocks of 16 tokens, and believing it does sends
+    requests after prefixes it has long evicted.
     """
 
     def __init__(
-        self, min_blocks: int = 16, block_chars: int = 64, max_blocks: int = 16384, max_prompt_blocks: int = 256
+        self,
+        min_blocks: int = 16,
+        block_chars: int = 64,
+        max_blocks: int = 16384,
+        max_prompt_blocks: int = 256,
+        capacity_aware: bool = True,
+        chars_per_token: float = 4.0,
     ) -> None:
         self.min_blocks = _at_least("min_blocks", min_blocks, 1)
         self.block_chars = _at_least("block_chars", block_chars, 8)
         self.max_prompt_blocks = _at_least("max_prompt_blocks", max_prompt_blocks, 1)
         self.index = PrefixIndex(_at_least("max_blocks", max_blocks, 1))
+        if not isinstance(capacity_aware, bool):
+            raise ValueError(f"capacity_aware must be true or false, got {capacity_aware!r}")
+        if isinstance(chars_per_token, bool) or not isinstance(chars_per_token, int | float) or chars_per_token <= 0:
+            raise ValueError(f"chars_per_token must be a number above 0, got {chars_per_token!r}")
+        # index blocks per token of KV capacity; 0 = capacity ignored
+        self._blocks_per_token = chars_per_token / self.block_chars if capacity_aware else 0.0
         self.hit_ratio = RatioHistograms()  # per pool: share of the prompt's blocks found on the pick
 
     def hashes(self, text: str, model: str) -> tuple[int, ...]:
@@ -76,7 +92,9 @@ class PrefixScorer:
         if looked_up is None:
             return
         hashes, matches = looked_up
-        self.index.record(endpoint.address, hashes)
+        capacity = endpoint.cache_tokens
+        limit = int(capacity * self._blocks_per_token) if capacity and self._blocks_per_token else None
+        self.index.record(endpoint.address, hashes, limit)
         self.hit_ratio.observe(ctx.request.pool, matches.get(endpoint.address, 0) / len(hashes))
 
     def forget_endpoint(self, address: str) -> None:
