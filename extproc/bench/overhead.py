@@ -8,8 +8,10 @@ Three gateways over the same simulated pool, measured in one run, one after the 
 
 Each gets the same open-loop load (a fixed request rate, ~4 KB chat bodies from a few tenants that share
 system prompts), and then a closed-loop run measures how many requests per second one ext_proc process
-sustains and its CPU time per request. Ratios between the rows hold on a noisy machine; absolute times
-do not.
+sustains and its CPU time per request. The picker's CPU is split in two: its background work (scraping
+every endpoint, measured while no request arrives) and the request path (the rest), because the
+background share per request grows on a slower machine, where fewer requests share it. Ratios between
+the rows hold on a noisy machine; absolute times do not, so the machine's reference speed is printed too.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import aiohttp
 import grpc
 import orjson
 
+from extproc.bench import machine
 from extproc.bench.loadgen import LoadResult, closed_loop
 from extproc.cli import DefaultsHelp
 from extproc.local.procs import Child, free_port
@@ -49,6 +52,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--connections", type=int, default=32, help="closed-loop connections")
     p.add_argument("--replicas", type=int, default=4, help="simulated endpoints in the pool")
     p.add_argument("--body-bytes", type=int, default=4096, help="approximate chat body size")
+    p.add_argument("--idle", type=float, default=5.0, help="seconds the ext_procs' background CPU is measured for")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.set_defaults(func=run)
 
@@ -107,6 +111,13 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, duration: float)
     return result
 
 
+def _idle_cpu(process: Child, seconds: float) -> float:
+    """CPU seconds per second the process spends with no request arriving (its background work)."""
+    before = process.cpu_seconds()
+    time.sleep(seconds)
+    return (process.cpu_seconds() - before) / seconds
+
+
 def _without_ext_proc(bootstrap: dict[str, Any]) -> dict[str, Any]:
     from extproc.envoy.bootstrap import EXT_PROC_FILTER, connection_managers
 
@@ -123,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
     log_dir = Path(tempfile.mkdtemp(prefix="extproc-bench-overhead-"))
     bodies = _bodies(512, args.body_bytes)
+    info = machine.describe()
+    print(machine.summary_line(info), flush=True)
     print(f"logs in {log_dir}", flush=True)
     stack = start_stack(
         log_dir,
@@ -131,7 +144,12 @@ def run(args: argparse.Namespace) -> int:
     )
     noop: Child | None = None
     extra_envoys: list[Child] = []
-    results: dict[str, Any] = {"rate": args.rate, "duration": args.duration, "body_bytes": len(bodies[0])}
+    results: dict[str, Any] = {
+        "machine": info,
+        "rate": args.rate,
+        "duration": args.duration,
+        "body_bytes": len(bodies[0]),
+    }
     try:
         noop_address = f"127.0.0.1:{free_port()}"
         noop = Child(
@@ -200,12 +218,23 @@ def run(args: argparse.Namespace) -> int:
         results["added"] = added
         results["extproc_over_noop_added_p50"] = ratio
 
-        print(f"closed loop: {args.connections} connections for {args.throughput_duration:g}s")
-        print(f"{'gateway':<10}{'req/s':>9}{'failed':>8}{'ext_proc CPU us/req':>21}{'1-core req/s':>14}")
-        throughput: dict[str, dict[str, float]] = {}
         assert stack.extproc is not None
-        for name, process in (("noop", noop), ("extproc", stack.extproc)):
-            cpu_before = process.cpu_seconds()
+        processes = {"noop": noop, "extproc": stack.extproc}
+        background = {name: _idle_cpu(process, args.idle) for name, process in processes.items()}
+        print(
+            f"background CPU with no traffic ({args.idle:g}s): "
+            + ", ".join(f"{name} {cpu * 1e3:.1f} ms/s" for name, cpu in background.items())
+            + f" (the picker scrapes {args.replicas} endpoints every {stack.config.scrape.interval:g}s)",
+            flush=True,
+        )
+        print(f"closed loop: {args.connections} connections for {args.throughput_duration:g}s")
+        print(
+            f"{'gateway':<10}{'req/s':>9}{'failed':>8}{'CPU us/req':>12}{'background':>12}{'request path':>14}"
+            f"{'1-core req/s':>14}"
+        )
+        throughput: dict[str, dict[str, float]] = {}
+        for name, process in processes.items():
+            cpu_before, wall_before = process.cpu_seconds(), time.monotonic()
             outcome = asyncio.run(
                 closed_loop(
                     gateways[name] + path,
@@ -215,19 +244,30 @@ def run(args: argparse.Namespace) -> int:
                     warmup=1.0,
                 )
             )
-            cpu = (process.cpu_seconds() - cpu_before) / max(1, outcome.completed_all)
+            requests = max(1, outcome.completed_all)
+            cpu = (process.cpu_seconds() - cpu_before) / requests
+            share = background[name] * (time.monotonic() - wall_before) / requests
+            path_cpu = max(0.0, cpu - share)
             throughput[name] = {
                 "rate": outcome.rate,
                 "failed": outcome.failed,
                 "cpu_us_per_request": cpu * 1e6,
+                "background_us_per_request": share * 1e6,
+                "request_path_us_per_request": path_cpu * 1e6,
                 "one_core_capacity": 1 / cpu if cpu else float("nan"),
             }
             row = throughput[name]
             print(
-                f"{name:<10}{row['rate']:>9.0f}{row['failed']:>8}{row['cpu_us_per_request']:>21.0f}"
+                f"{name:<10}{row['rate']:>9.0f}{row['failed']:>8}{row['cpu_us_per_request']:>12.0f}"
+                f"{row['background_us_per_request']:>12.0f}{row['request_path_us_per_request']:>14.0f}"
                 f"{row['one_core_capacity']:>14.0f}",
                 flush=True,
             )
+        floor = throughput["noop"]["request_path_us_per_request"]
+        path_ratio = throughput["extproc"]["request_path_us_per_request"] / floor if floor else float("nan")
+        print(f"request-path CPU, extproc / noop: {path_ratio:.2f}x (the machine-independent figure)", flush=True)
+        results["background_cpu_seconds_per_second"] = background
+        results["extproc_over_noop_request_path_cpu"] = path_ratio
         results["throughput"] = throughput
     finally:
         for child in extra_envoys:
