@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import random
+import string
+import time
+
+import aiohttp
+import orjson
+
 from tests.conftest import Sim
 from tests.helpers import get, post, run, stream_chat
 
@@ -151,3 +158,57 @@ def test_timing_headers_report_simulated_time(start_simulator) -> None:
     assert queue == 0
     assert 60 < ttft < 120  # 8 ms overhead + ~2,000 tokens x 30 us + one step
     assert abs(e2e - (ttft + 9 * 4.0)) < 1  # nine more decode steps of 4 ms
+
+
+async def first_chunks(base: str, path: str, body: dict[str, object]) -> tuple[float, float]:
+    """Client-side seconds to the first SSE event of any kind, and to the first one that carries text."""
+    start = time.monotonic()
+    first_event = first_text = float("nan")
+    async with aiohttp.ClientSession() as session, session.post(f"{base}{path}", json=body) as response:
+        assert response.status == 200, await response.text()
+        async for raw in response.content:
+            line = raw.strip()
+            if not line.startswith(b"data: {"):
+                continue
+            now = time.monotonic() - start
+            if first_event != first_event:
+                first_event = now
+            choice = orjson.loads(line[6:])["choices"][0]
+            if choice.get("text") or choice.get("delta", {}).get("content"):
+                first_text = now
+                break
+    return first_event, first_text
+
+
+def test_stream_starts_with_the_first_token_so_the_client_sees_prefill(start_simulator) -> None:
+    """vLLM sends chat's role chunk with the first token: time to the first chunk includes prefill."""
+    s = start_simulator("--time-scale", "1")
+    rng = random.Random(3)
+    long = "".join(rng.choice(string.ascii_letters) for _ in range(24000))  # 6,000 tokens
+    shared = "".join(rng.choice(string.ascii_letters) for _ in range(4000))
+
+    def chat_body(content: str) -> dict[str, object]:
+        return {"model": "test-model", "messages": [{"role": "user", "content": content}], "max_tokens": 2}
+
+    async def measure() -> dict[str, tuple[float, float]]:
+        chat = "/v1/chat/completions"
+        await first_chunks(s.base, chat, {**chat_body(shared), "stream": True})  # warms the cache
+        return {
+            "cached": await first_chunks(s.base, chat, {**chat_body(shared), "stream": True}),
+            "long": await first_chunks(s.base, chat, {**chat_body(long), "stream": True}),
+            "completion": await first_chunks(
+                s.base,
+                "/v1/completions",
+                {"model": "test-model", "prompt": long[::-1], "max_tokens": 2, "stream": True},
+            ),
+        }
+
+    times = run(measure())
+    # Simulated prefill of 6,000 uncached tokens: 8 ms + 6,000 x 30 us + three 4 ms steps = ~200 ms; a cached
+    # 1,000-token prompt prefills its last block only: ~13 ms. Wall time can only add to simulated time.
+    for case in ("long", "completion"):
+        first_event, first_text = times[case]
+        assert 0.18 < first_event <= first_text < 2.0, (case, times)
+    cached_event, cached_text = times["cached"]
+    assert cached_text < 0.5 * times["long"][1], times
+    assert cached_event <= cached_text

@@ -27,6 +27,12 @@ EXPECTED = {
     "vllm:request_queue_time_seconds": "histogram",
     "vllm:request_prefill_time_seconds": "histogram",
     "vllm:request_decode_time_seconds": "histogram",
+    "vllm:request_inference_time_seconds": "histogram",
+    "vllm:request_prompt_tokens": "histogram",
+    "vllm:request_generation_tokens": "histogram",
+    "vllm:request_params_n": "histogram",
+    "vllm:request_params_max_tokens": "histogram",
+    "vllm:iteration_tokens_total": "histogram",
 }
 
 
@@ -89,3 +95,63 @@ def test_gauges_show_live_state(start_simulator) -> None:
     assert during["vllm:kv_cache_usage_perc"] > 0
     assert after["vllm:num_requests_running"] == 0
     assert after["vllm:kv_cache_usage_perc"] == 0
+
+
+def bucket_bounds(family: str, m: dict[str, float]) -> list[str]:
+    prefix = f"{family}_bucket{{le="
+    return [key[len(prefix) : -1] for key in m if key.startswith(prefix)]
+
+
+def test_request_and_iteration_histograms(start_simulator) -> None:
+    """n, max_tokens, inference time and tokens per engine step, observed when and as vLLM observes them."""
+    s = start_simulator("--time-scale", "0")
+    requests = [
+        ({"prompt": "a" * 1200, "max_tokens": 5}, 300),  # 300 tokens: its first step holds 301
+        ({"prompt": "b" * 12000, "max_tokens": 3}, 3000),  # chunked prefill: steps without output observe nothing
+        ({"prompt": "c" * 40}, 10),  # no max_tokens: vLLM's sampling params hold the context left
+        ({"prompt": list(range(7, 71)), "max_tokens": 2}, 64),
+    ]
+    inference = 0.0
+    for body, prompt_tokens in requests:
+        reply = post(f"{s.base}/v1/completions", {"model": "test-model", **body})
+        assert reply.json()["usage"]["prompt_tokens"] == prompt_tokens
+        headers = reply.headers
+        inference += (float(headers["x-sim-e2e-ms"]) - float(headers["x-sim-queue-ms"])) / 1000
+    m = metrics(s.base)
+    generated = m["vllm:generation_tokens_total"]
+    assert generated == 5 + 3 + 16 + 2
+    assert m["vllm:request_params_n_count"] == 4 and m["vllm:request_params_n_sum"] == 4
+    assert m["vllm:request_params_n_bucket{le=1.0}"] == 4
+    assert bucket_bounds("vllm:request_params_n", m) == ["1.0", "2.0", "5.0", "10.0", "20.0", "+Inf"]
+    assert m["vllm:request_params_max_tokens_sum"] == 5 + 3 + (8192 - 10) + 2
+    assert m["vllm:request_params_max_tokens_bucket{le=2.0}"] == 1
+    assert m["vllm:request_params_max_tokens_bucket{le=5000.0}"] == 3  # 8,182 only in +Inf
+    # vLLM's token-count buckets: 1-2-5 up to max_model_len (8192 here).
+    assert bucket_bounds("vllm:request_params_max_tokens", m)[-2:] == ["5000.0", "+Inf"]
+    assert bucket_bounds("vllm:request_prompt_tokens", m) == bucket_bounds("vllm:request_params_max_tokens", m)
+    assert m["vllm:request_inference_time_seconds_count"] == 4
+    assert abs(m["vllm:request_inference_time_seconds_sum"] - inference) < 1e-4
+    # One observation per step that produced tokens (one request at a time: one token each); the step that
+    # finishes a prefill also counts the whole prompt.
+    assert m["vllm:iteration_tokens_total_count"] == generated
+    assert m["vllm:iteration_tokens_total_sum"] == m["vllm:prompt_tokens_total"] + generated
+    assert m["vllm:iteration_tokens_total_bucket{le=1.0}"] == generated - 4
+    assert m["vllm:iteration_tokens_total_bucket{le=16.0}"] == generated - 3  # + the 10-token prompt's step
+    assert m["vllm:iteration_tokens_total_bucket{le=256.0}"] == generated - 2  # + the 64-token one
+    assert m["vllm:iteration_tokens_total_bucket{le=512.0}"] == generated - 1  # + the 300-token one
+    assert m["vllm:iteration_tokens_total_bucket{le=4096.0}"] == generated
+    assert bucket_bounds("vllm:iteration_tokens_total", m)[:3] == ["1.0", "8.0", "16.0"]
+
+
+def test_name_filter_answers_only_the_series_asked_for(sim: Sim) -> None:
+    """``?name[]=`` as prometheus_client's exposition answers it (vLLM mounts that at /metrics): what the
+    picker's scraper asks for, so a scrape does not make the replica render every histogram."""
+    post(f"{sim.base}/v1/chat/completions", {"model": "test-model", "messages": [{"role": "user", "content": "x"}]})
+    wanted = ["vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:cache_config_info", "vllm:e2e_latency"]
+    query = "&".join(f"name[]={name}" for name in wanted)
+    reply = get(f"{sim.base}/metrics?{query}")
+    families = {f.name for f in text_string_to_metric_families(reply.body.decode())}
+    assert families == {"vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:cache_config_info"}
+    histogram = get(f"{sim.base}/metrics?name[]=vllm:e2e_request_latency_seconds_count").body.decode()
+    assert "vllm:e2e_request_latency_seconds_count" in histogram and "_bucket" not in histogram
+    assert len(get(f"{sim.base}/metrics").body) > 20 * len(reply.body)

@@ -6,7 +6,17 @@ import pytest
 
 from extproc.sim.config import SimConfigError, from_preset
 from extproc.sim.kvcache import KVCache
-from extproc.sim.tokens import PromptError, block_hashes, count_tokens, render_chat
+from extproc.sim.metrics import build_1_2_5_buckets
+from extproc.sim.tokens import (
+    PromptError,
+    UnknownTokens,
+    Vocabulary,
+    block_hashes,
+    count_tokens,
+    render_chat,
+    token_ids,
+    token_texts,
+)
 
 
 def test_chat_template_keeps_earlier_turns_as_a_prefix() -> None:
@@ -75,3 +85,46 @@ def test_presets_and_validation() -> None:
     big = from_preset("llama-3.2-3b", "m")
     one = from_preset("llama-3.2-1b", "m")
     assert big.itl > one.itl and big.prefill_per_token > one.prefill_per_token
+
+
+def test_token_ids_are_a_fixed_function_of_each_chunk() -> None:
+    # Pinned: replicas of different builds must agree, so a change here breaks routing across a fleet.
+    assert token_ids("abcd").tolist() == [44579]
+    assert token_ids("abcdefg").tolist() == [44579, 52555]  # a short last token gets its own id
+    assert token_ids("").tolist() == []
+    text = "Ünïcödé and ascii, " * 50
+    ids = token_ids(text)
+    assert len(ids) == count_tokens(text) and ids.max() < 128256
+    assert token_ids(text, 1000).max() < 1000
+    assert token_texts("abcdefg") == ["abcd", "efg"]
+
+
+def test_text_and_its_ids_hash_to_the_same_blocks() -> None:
+    text = "".join(chr(ord("a") + i % 26) + chr(0x400 + i % 50) for i in range(500))
+    ids = token_ids(text).tolist()
+    assert block_hashes(text, 16) == block_hashes(ids, 16) != []
+    assert block_hashes(text, 16, limit_tokens=40) == block_hashes(ids, 16)[:2]
+    assert block_hashes(text, 16, 1000) != block_hashes(text, 16)  # ids depend on the vocabulary
+
+
+def test_vocabulary_decodes_what_it_encoded_and_says_what_it_cannot() -> None:
+    vocabulary = Vocabulary(128256)
+    ids = vocabulary.encode("hello, simulated world")
+    assert vocabulary.decode(ids) == "hello, simulated world"
+    assert vocabulary.decode(token_ids(" the sim").tolist()) == " the sim"  # output words are known from the start
+    known = {*ids, *vocabulary.encode(" the sim ans")}
+    unknown = next(i for i in range(128256) if i not in known)
+    with pytest.raises(UnknownTokens, match=str(unknown)):
+        vocabulary.decode([*ids, unknown])
+
+
+def test_chat_template_generation_prompt_options() -> None:
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A par"}]
+    assert render_chat(messages).endswith("A par<|end|>\n<|assistant|>\n")
+    assert render_chat(messages, add_generation_prompt=False).endswith("A par<|end|>\n")
+    assert render_chat(messages, continue_final_message=True).endswith("<|assistant|>\nA par")
+
+
+def test_token_count_buckets_follow_the_context_length() -> None:
+    assert build_1_2_5_buckets(100) == (1, 2, 5, 10, 20, 50, 100)
+    assert build_1_2_5_buckets(8192)[-3:] == (1000, 2000, 5000)

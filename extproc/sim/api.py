@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,12 +17,17 @@ from aiohttp import web
 from extproc.sim.config import SimConfig
 from extproc.sim.engine import Engine, EngineRequest, QueueFull
 from extproc.sim.metrics import SimMetrics
+from extproc.sim.render import generate_request
 from extproc.sim.tokens import (
+    Prompt,
     PromptError,
+    UnknownTokens,
+    Vocabulary,
     count_tokens,
     generated_text,
     parse_completion_prompt,
     render_chat,
+    token_texts,
 )
 
 JSON = "application/json"
@@ -50,6 +57,22 @@ class _Invalid(Exception):
         self.response = response
 
 
+Handler = Callable[["SimServer", web.Request], Awaitable[web.StreamResponse]]
+
+
+def _answers_invalid(handler: Handler) -> Handler:
+    """Let a handler raise ``_Invalid`` from any depth; its response is the answer."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: SimServer, request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(self, request)
+        except _Invalid as invalid:
+            return invalid.response
+
+    return wrapper
+
+
 class SimServer:
     """One simulated vLLM replica: an engine, its metrics and the HTTP app around them."""
 
@@ -57,9 +80,15 @@ class SimServer:
         self.config = config
         self.engine = Engine(config)
         self.metrics = SimMetrics(
-            config.names[0], config.engine_label, self.engine.state, config.block_size, config.num_gpu_blocks
+            config.names[0],
+            config.engine_label,
+            self.engine.state,
+            config.block_size,
+            config.num_gpu_blocks,
+            config.max_model_len,
         )
         self.engine.metrics = self.metrics
+        self.vocabulary = Vocabulary(config.vocab_size)
         self.faults = Faults(error_rate=config.error_rate, delay=config.delay)
         self._unhang = asyncio.Event()
         self._unhang.set()
@@ -70,6 +99,10 @@ class SimServer:
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_post("/v1/chat/completions/render", self.render_chat_completion)
+        self.app.router.add_post("/v1/completions/render", self.render_completion)
+        self.app.router.add_post("/tokenize", self.tokenize)
+        self.app.router.add_post("/detokenize", self.detokenize)
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/metrics", self.metrics_handler)
         self.app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
@@ -142,9 +175,10 @@ class SimServer:
     async def health(self, _request: web.Request) -> web.Response:
         return web.Response(status=200)
 
-    async def metrics_handler(self, _request: web.Request) -> web.Response:
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        names = request.query.getall("name[]", ())
         return web.Response(
-            body=self.metrics.exposition(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+            body=self.metrics.exposition(names), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
         )
 
     async def models(self, _request: web.Request) -> web.Response:
@@ -182,29 +216,104 @@ class SimServer:
 
     # ----- inference ------------------------------------------------------------------------
 
+    @_answers_invalid
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body, model = await self._read_request(request)
-            try:
-                prompt = render_chat(body.get("messages"))
-            except PromptError as exc:
-                return bad_request(str(exc), "messages")
-            return await self._generate(request, body, model, prompt, chat=True)
-        except _Invalid as invalid:
-            return invalid.response
+        body, model = await self._read_request(request)
+        prompt, role = self._chat_prompt(body)
+        return await self._generate(request, body, model, prompt, role=role)
 
+    @_answers_invalid
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        body, model = await self._read_request(request)
+        return await self._generate(request, body, model, self._completion_prompt(body), role=None)
+
+    # ----- tokenization: vLLM's /tokenize, /detokenize and render endpoints -----------------
+
+    @_answers_invalid
+    async def render_chat_completion(self, request: web.Request) -> web.StreamResponse:
+        """vLLM's ``GenerateRequest`` for a chat request: the ids the engine would see, and its sampling."""
+        body, _model = await self._read_request(request)
+        prompt, _role = self._chat_prompt(body)
+        return _json(self._render(body, prompt, "chatcmpl-"))
+
+    @_answers_invalid
+    async def render_completion(self, request: web.Request) -> web.StreamResponse:
+        """A list of ``GenerateRequest``, as vLLM answers (one prompt per request here)."""
+        body, _model = await self._read_request(request)
+        return _json([self._render(body, self._completion_prompt(body), "cmpl-")])
+
+    @_answers_invalid
+    async def tokenize(self, request: web.Request) -> web.StreamResponse:
+        body, _model = await self._read_request(request)
+        if "messages" in body:
+            text, _role = self._chat_prompt(body)
+        elif isinstance(body.get("prompt"), str):
+            text = body["prompt"]
+        else:
+            raise _Invalid(bad_request("send 'prompt' (a string) or 'messages' (a chat)", "prompt"))
+        strs = body.get("return_token_strs")
+        if strs is not None and not isinstance(strs, bool):
+            raise _Invalid(bad_request("'return_token_strs' must be true or false", "return_token_strs"))
+        tokens = self.vocabulary.encode(text)
+        return _json(
+            {
+                "count": len(tokens),
+                "max_model_len": self.config.max_model_len,
+                "tokens": tokens,
+                "token_strs": token_texts(text) if strs else None,
+            }
+        )
+
+    @_answers_invalid
+    async def detokenize(self, request: web.Request) -> web.StreamResponse:
+        body, _model = await self._read_request(request)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(type(t) is int and t >= 0 for t in tokens):
+            raise _Invalid(bad_request("'tokens' must be a list of non-negative token ids", "tokens"))
+        self._check_vocabulary(tokens, "tokens")
         try:
-            body, model = await self._read_request(request)
-            if "prompt" not in body:
-                return bad_request("'prompt' is required", "prompt")
-            try:
-                prompt = parse_completion_prompt(body["prompt"])
-            except PromptError as exc:
-                return bad_request(str(exc), "prompt")
-            return await self._generate(request, body, model, prompt, chat=False)
-        except _Invalid as invalid:
-            return invalid.response
+            return _json({"prompt": self.vocabulary.decode(tokens)})
+        except UnknownTokens as exc:
+            raise _Invalid(bad_request(exc.args[0], "tokens")) from None
+
+    def _render(self, body: dict[str, Any], prompt: Prompt, id_prefix: str) -> dict[str, Any]:
+        """Tokenize ``prompt`` (ids pass through) and wrap it as vLLM's render endpoints do."""
+        ids = list(prompt) if not isinstance(prompt, str) else self.vocabulary.encode(prompt)
+        budget = self._output_budget(body, len(ids))
+        max_tokens = budget if budget is not None else self.config.max_model_len - len(ids)
+        return generate_request(id_prefix + uuid.uuid4().hex, ids, body, max_tokens)
+
+    # ----- request parsing shared by inference and rendering --------------------------------
+
+    def _chat_prompt(self, body: dict[str, Any]) -> tuple[str, str]:
+        """The rendered chat prompt, and the role vLLM answers with."""
+        add_generation_prompt = _flag(body, "add_generation_prompt", True)
+        continue_final_message = _flag(body, "continue_final_message", False)
+        if continue_final_message and body.get("add_generation_prompt") is True:
+            raise _Invalid(bad_request("Cannot set both `continue_final_message` and `add_generation_prompt` to True."))
+        messages = body.get("messages")
+        try:
+            prompt = render_chat(messages, add_generation_prompt, continue_final_message)
+        except PromptError as exc:
+            raise _Invalid(bad_request(str(exc), "messages")) from None
+        return prompt, "assistant" if add_generation_prompt else messages[-1]["role"]
+
+    def _completion_prompt(self, body: dict[str, Any]) -> Prompt:
+        if "prompt" not in body:
+            raise _Invalid(bad_request("'prompt' is required", "prompt"))
+        try:
+            prompt = parse_completion_prompt(body["prompt"])
+        except PromptError as exc:
+            raise _Invalid(bad_request(str(exc), "prompt")) from None
+        if not isinstance(prompt, str):
+            self._check_vocabulary(prompt, "prompt")
+        return prompt
+
+    def _check_vocabulary(self, ids: Sequence[int], param: str) -> None:
+        """vLLM refuses ids its tokenizer could never produce; so does the simulator, by ``--vocab-size``."""
+        top = max(ids, default=0)
+        if top >= self.config.vocab_size:
+            raise _Invalid(bad_request(f"Token id {top} is out of vocabulary", param))
 
     async def _read_request(self, request: web.Request) -> tuple[dict[str, Any], str]:
         try:
@@ -259,8 +368,10 @@ class SimServer:
         return value
 
     async def _generate(
-        self, http: web.Request, body: dict[str, Any], model: str, prompt: Any, *, chat: bool
+        self, http: web.Request, body: dict[str, Any], model: str, prompt: Prompt, *, role: str | None
     ) -> web.StreamResponse:
+        """Run one request through the engine; ``role`` is the chat answer's role, None for completions."""
+        chat = role is not None
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             return bad_request("'stream' must be true or false", "stream")
@@ -268,6 +379,10 @@ class SimServer:
         if options is not None and not isinstance(options, dict):
             return bad_request("'stream_options' must be an object", "stream_options")
         include_usage = bool(options and options.get("include_usage"))
+        n = body.get("n")
+        if n is not None and n != 1:
+            # One choice per request keeps every token, metric and cache figure the request's own.
+            return bad_request(f"'n' must be 1: the simulator generates one choice per request, got {n!r}", "n")
         engine = self.engine
         req = engine.make_request(prompt, self._output_budget(body, count_tokens(prompt)), stream)
         try:
@@ -279,7 +394,7 @@ class SimServer:
                 "TooManyRequestsError",
             )
         if stream:
-            return await self._stream(http, req, model, chat, include_usage)
+            return await self._stream(http, req, model, role, include_usage)
         try:
             assert req.done is not None
             await req.done
@@ -293,7 +408,7 @@ class SimServer:
         if chat:
             choice = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "tool_calls": []},
+                "message": {"role": role, "content": text, "tool_calls": []},
                 "logprobs": None,
                 "finish_reason": req.finish_reason,
                 "stop_reason": None,
@@ -317,8 +432,15 @@ class SimServer:
         return web.Response(body=orjson.dumps(response), content_type=JSON, headers=_timing_headers(req))
 
     async def _stream(
-        self, http: web.Request, req: EngineRequest, model: str, chat: bool, include_usage: bool
+        self, http: web.Request, req: EngineRequest, model: str, role: str | None, include_usage: bool
     ) -> web.StreamResponse:
+        """Server-sent events as vLLM writes them.
+
+        Chat's first chunk (the role, empty content) goes out with the first token, not on arrival: vLLM
+        sends it when the engine's first output arrives, so a client's time to first chunk includes
+        queueing and prefill.
+        """
+        chat = role is not None
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(http)
         request_id = _new_id(chat)
@@ -332,16 +454,13 @@ class SimServer:
                 payload["usage"] = usage
             return b"data: " + orjson.dumps(payload) + b"\n\n"
 
+        pending = b""
+        if chat:
+            pending = chunk(
+                [{"index": 0, "delta": {"role": role, "content": ""}, "logprobs": None, "finish_reason": None}]
+            )
         assert req.tokens is not None
         try:
-            if chat:
-                first = {
-                    "index": 0,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-                await response.write(chunk([first]))
             while True:
                 index = await req.tokens.get()
                 if index is None:
@@ -356,7 +475,8 @@ class SimServer:
                     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
                 if reason is not None:
                     choice["stop_reason"] = None
-                await response.write(chunk([choice]))
+                await response.write(pending + chunk([choice]))
+                pending = b""
             if req.finished is None or req.generated < req.max_tokens:
                 # The engine gave up on the request (it can never fit): say so in-band.
                 error = {
@@ -402,6 +522,17 @@ def _usage(req: EngineRequest) -> dict[str, Any]:
         "completion_tokens": req.generated,
         "prompt_tokens_details": {"cached_tokens": req.cached_tokens},
     }
+
+
+def _json(body: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(body), content_type=JSON)
+
+
+def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise _Invalid(bad_request(f"'{name}' must be true or false", name))
+    return value
 
 
 def _new_id(chat: bool) -> str:

@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="serve one simulated vLLM replica (OpenAI API, /metrics, prefix cache, latency model)",
         description=(
             "Serve one simulated vLLM replica: OpenAI chat/completions (streaming too), /v1/models, "
-            "/health and vLLM's /metrics, with a block-based prefix cache and a latency model. "
+            "/tokenize, /detokenize, the render endpoints, /health and vLLM's /metrics, with a block-based "
+            "prefix cache and a latency model. "
             "Latency options default to the chosen --preset."
         ),
         formatter_class=DefaultsHelp,
@@ -40,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     cache.add_argument("--max-waiting", type=int, default=1024, help="waiting requests before answering 429")
     cache.add_argument("--max-model-len", type=int, help="context length: prompt + max_tokens")
     cache.add_argument("--default-max-tokens", type=int, default=16, help="output length when max_tokens is unset")
+    p.add_argument(
+        "--vocab-size", type=int, help="token ids stay below this (/tokenize, render, prompt ids); preset's default"
+    )
     faults = p.add_argument_group("fault injection (also at run time: POST /sim/faults)")
     faults.add_argument("--error-rate", type=float, default=0.0, help="share of inference requests answered 500")
     faults.add_argument("--delay-ms", type=float, default=0.0, help="wall-clock delay before every answer")
@@ -72,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
             max_waiting=args.max_waiting,
             max_model_len=args.max_model_len,
             default_max_tokens=args.default_max_tokens,
+            vocab_size=args.vocab_size,
             error_rate=args.error_rate,
             delay=ms(args.delay_ms),
             seed=args.seed,

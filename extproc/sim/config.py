@@ -38,6 +38,8 @@ class SimConfig:
     max_waiting: int = 1024
     max_model_len: int = 8192
     default_max_tokens: int = 16
+    # Token ids are hashes of text chunks reduced to this range, as a real tokenizer's ids stay below it.
+    vocab_size: int = 128256
     # Faults, also changeable at run time through /sim/faults.
     error_rate: float = 0.0
     delay: float = 0.0
@@ -62,6 +64,7 @@ class SimConfig:
             (self.max_waiting >= 0, "--max-waiting must be >= 0"),
             (self.max_model_len >= 2, "--max-model-len must be >= 2"),
             (self.default_max_tokens >= 1, "--default-max-tokens must be >= 1"),
+            (256 <= self.vocab_size <= 2**32, "--vocab-size must be between 256 and 2**32 (Llama 3 uses 128256)"),
             (0.0 <= self.error_rate <= 1.0, "--error-rate must be between 0 and 1"),
             (self.delay >= 0, "--delay-ms must be >= 0"),
             (
@@ -91,6 +94,7 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "load_factor": 0.02,
         "num_gpu_blocks": 32768,  # ~512k tokens: 1B weights leave most of a 24 GB card to KV
         "max_model_len": 8192,
+        "vocab_size": 128256,  # Llama 3's tokenizer
     },
     "llama-3.2-3b": {
         "prefill_overhead": 0.015,
@@ -99,6 +103,7 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "load_factor": 0.025,
         "num_gpu_blocks": 20480,  # ~330k tokens over two GPUs (tensor parallel 2)
         "max_model_len": 8192,
+        "vocab_size": 128256,
     },
 }
 

@@ -33,6 +33,7 @@ class EngineRequest:
     max_tokens: int
     finish_reason: str  # what the request ends with once max_tokens are out: "length" or "stop"
     stream: bool
+    max_tokens_param: int = 0  # max_tokens as vLLM's sampling params hold it (the context left when unset)
     hashes: list[int] = field(default_factory=list)
     # Progress.
     arrival: float = 0.0
@@ -74,6 +75,7 @@ class Engine:
         return len(self.running), len(self.waiting), self.cache.usage
 
     def make_request(self, prompt: Prompt, max_tokens: int | None, stream: bool) -> EngineRequest:
+        """``max_tokens`` None: the request stops (as at EOS) after ``default_max_tokens``."""
         n = count_tokens(prompt)
         return EngineRequest(
             prompt=prompt,
@@ -81,6 +83,7 @@ class Engine:
             max_tokens=max_tokens if max_tokens is not None else self.config.default_max_tokens,
             finish_reason="length" if max_tokens is not None else "stop",
             stream=stream,
+            max_tokens_param=max_tokens if max_tokens is not None else self.config.max_model_len - n,
         )
 
     def submit(self, request: EngineRequest) -> None:
@@ -89,7 +92,7 @@ class Engine:
         if len(self.waiting) + len(self.running) >= cfg.max_waiting + cfg.max_num_seqs:
             raise QueueFull
         loop = asyncio.get_running_loop()
-        request.hashes = block_hashes(request.prompt, self.config.block_size)
+        request.hashes = block_hashes(request.prompt, cfg.block_size, cfg.vocab_size)
         request.done = loop.create_future()
         if request.stream:
             request.tokens = asyncio.Queue()
@@ -206,6 +209,9 @@ class Engine:
     def _apply_step(self, progress: list[tuple[EngineRequest, int]], duration: float) -> None:
         now = self._clock
         metrics = self.metrics
+        # vLLM's vllm:iteration_tokens_total: per step with output, the prompts that got their first token
+        # (whole prompt, cached part included) plus one per sampled token.
+        step_tokens = 0
         for request, chunk in progress:
             if request.finished is not None or request.allocation is None:
                 continue  # aborted or preempted during the step
@@ -220,8 +226,10 @@ class Engine:
                 continue
             request.computed = request.prompt_tokens + request.generated
             request.generated += 1
+            step_tokens += 1
             if request.first_token is None:
                 request.first_token = now
+                step_tokens += request.prompt_tokens
                 if metrics is not None:
                     metrics.ttft.observe(now - request.arrival)
                     metrics.queue_time.observe((request.admitted or now) - request.arrival)
@@ -233,6 +241,8 @@ class Engine:
             if request.generated >= request.max_tokens:
                 self.running.remove(request)
                 self._finish(request, request.finish_reason)
+        if metrics is not None and step_tokens:
+            metrics.iteration_tokens.observe(step_tokens)
 
     def _ensure_room(self, request: EngineRequest) -> bool:
         """Grow the request's blocks for one more token; preempt the newest request if full."""
@@ -272,8 +282,11 @@ class Engine:
             first = request.first_token if request.first_token is not None else now
             metrics.prefill_time.observe(first - admitted)
             metrics.decode_time.observe(now - first)
+            metrics.inference_time.observe(now - admitted)
             metrics.request_prompt_tokens.observe(request.prompt_tokens)
             metrics.request_generation_tokens.observe(request.generated)
+            metrics.params_n.observe(1)  # the API refuses n > 1
+            metrics.params_max_tokens.observe(request.max_tokens_param)
         if request.tokens is not None:
             request.tokens.put_nowait(None)
         if request.done is not None and not request.done.done():

@@ -1,16 +1,20 @@
 """The simulator's /metrics: vLLM's v1 metric names, types, labels and buckets.
 
 Gauges are read from the engine at scrape time, so they are always its live state; counters
-and histograms are updated by the engine as requests progress.
+and histograms are plain numbers the engine updates as requests progress, turned into metric
+families at scrape time. The engine and the scrape share one event loop, so they need none of
+prometheus_client's locks, which cost more than the engine's own work per request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # Bucket boundaries as vLLM's v1 engine publishes them.
 TTFT_BUCKETS = (
@@ -81,7 +85,21 @@ REQUEST_LATENCY_BUCKETS = (
     1920.0,
     7680.0,
 )
-TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+N_BUCKETS = (1, 2, 5, 10, 20)
+
+
+def build_1_2_5_buckets(max_value: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to ``max_value``: vLLM's token-count buckets, sized by the context length."""
+    buckets: list[int] = []
+    scale = 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_value:
+                return tuple(buckets)
+            buckets.append(mantissa * scale)
+        scale *= 10
+
 
 FINISHED_REASONS = ("stop", "length", "abort")
 
@@ -117,7 +135,42 @@ class EngineGauges(Collector):
         yield info
 
 
-class SimMetrics:
+class Count:
+    """A counter's value."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class Distribution:
+    """A histogram's bucket counts (non-cumulative, the last one +Inf) and sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = tuple(float(b) for b in bounds)
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket whose bound is >= value
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        cumulative = 0
+        out: list[tuple[str, float]] = []
+        for bound, count in zip((*map(floatToGoString, self.bounds), "+Inf"), self.counts, strict=True):
+            cumulative += count
+            out.append((bound, cumulative))
+        return out
+
+
+class SimMetrics(Collector):
     """Every vLLM series the simulator publishes, bound to one model and engine."""
 
     def __init__(
@@ -127,71 +180,79 @@ class SimMetrics:
         state: Callable[[], tuple[int, int, float]],
         block_size: int,
         num_gpu_blocks: int,
+        max_model_len: int,
     ) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
         labels = {"model_name": model_name, "engine": engine}
-        names = list(labels)
-        values = list(labels.values())
-        r = self.registry
+        self._label_names = list(labels)
+        self._label_values = list(labels.values())
+        self._counters: list[tuple[str, str, Count]] = []
+        self._histograms: list[tuple[str, str, Distribution]] = []
 
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, names, registry=r)
+        def counter(name: str, doc: str) -> Count:
+            value = Count()
+            self._counters.append((name, doc, value))
+            return value
 
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, names, buckets=buckets, registry=r)
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Distribution:
+            value = Distribution(buckets)
+            self._histograms.append((name, doc, value))
+            return value
 
         self.prefix_cache_queries = counter(
             "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."
-        ).labels(*values)
+        )
         self.prefix_cache_hits = counter(
             "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
-        ).labels(*values)
-        self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.").labels(*values)
-        self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.").labels(
-            *values
         )
-        self.preemptions = counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.").labels(
-            *values
-        )
-        success = Counter(
-            "vllm:request_success",
-            "Count of successfully processed requests.",
-            [*names, "finished_reason"],
-            registry=r,
-        )
-        self.request_success = {reason: success.labels(*values, reason) for reason in FINISHED_REASONS}
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
+        self.preemptions = counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.")
+        self.request_success = {reason: Count() for reason in FINISHED_REASONS}
         self.ttft = histogram(
             "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
-        ).labels(*values)
+        )
         self.itl = histogram(
             "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS
-        ).labels(*values)
+        )
         self.e2e = histogram(
             "vllm:e2e_request_latency_seconds",
             "Histogram of e2e request latency in seconds.",
             REQUEST_LATENCY_BUCKETS,
-        ).labels(*values)
+        )
         self.queue_time = histogram(
             "vllm:request_queue_time_seconds",
             "Histogram of time spent in WAITING phase for request.",
             REQUEST_LATENCY_BUCKETS,
-        ).labels(*values)
+        )
         self.prefill_time = histogram(
             "vllm:request_prefill_time_seconds",
             "Histogram of time spent in PREFILL phase for request.",
             REQUEST_LATENCY_BUCKETS,
-        ).labels(*values)
+        )
         self.decode_time = histogram(
             "vllm:request_decode_time_seconds",
             "Histogram of time spent in DECODE phase for request.",
             REQUEST_LATENCY_BUCKETS,
-        ).labels(*values)
+        )
+        self.inference_time = histogram(
+            "vllm:request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        token_buckets = build_1_2_5_buckets(max_model_len)
         self.request_prompt_tokens = histogram(
-            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", TOKEN_COUNT_BUCKETS
-        ).labels(*values)
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", token_buckets
+        )
         self.request_generation_tokens = histogram(
-            "vllm:request_generation_tokens", "Number of generation tokens processed.", TOKEN_COUNT_BUCKETS
-        ).labels(*values)
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", token_buckets
+        )
+        self.params_max_tokens = histogram(
+            "vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.", token_buckets
+        )
+        self.params_n = histogram("vllm:request_params_n", "Histogram of the n request parameter.", N_BUCKETS)
+        self.iteration_tokens = histogram(
+            "vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", ITERATION_TOKEN_BUCKETS
+        )
         cache_info = {
             "block_size": str(block_size),
             "cache_dtype": "auto",
@@ -199,7 +260,31 @@ class SimMetrics:
             "engine": engine,
             "num_gpu_blocks": str(num_gpu_blocks),
         }
-        r.register(EngineGauges(labels, state, cache_info))
+        # auto_describe: the registry learns which series each collector makes, so a request for some
+        # (`?name[]=`) collects and renders only those.
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(EngineGauges(labels, state, cache_info))
+        self.registry.register(self)
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    def collect(self) -> Iterator[Metric]:
+        names, values = self._label_names, self._label_values
+        for name, doc, count in self._counters:
+            family = CounterMetricFamily(name, doc, labels=names)
+            family.add_metric(values, count.value)
+            yield family
+        success = CounterMetricFamily(
+            "vllm:request_success", "Count of successfully processed requests.", labels=[*names, "finished_reason"]
+        )
+        for reason, count in self.request_success.items():
+            success.add_metric([*values, reason], count.value)
+        yield success
+        for name, doc, distribution in self._histograms:
+            family = HistogramMetricFamily(name, doc, labels=names)
+            family.add_metric(values, distribution.buckets(), distribution.sum)
+            yield family
+
+    def exposition(self, names: Sequence[str] = ()) -> bytes:
+        """The page; with ``names``, only those series, as prometheus_client's exposition (what vLLM mounts at
+        /metrics) answers ``?name[]=...``: a scraper that reads three gauges then costs a few lines, not every
+        histogram."""
+        return generate_latest(self.registry.restricted_registry(names) if names else self.registry)
