@@ -9,9 +9,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser("bench", help="benchmarks (results go to stdout and optionally JSON)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     from extproc.bench import decision, overhead, sim_throughput
+    from extproc.bench.peers import command as peers
     from extproc.bench.routing import command as routing
 
     sim_throughput.add_parser(bench)
     decision.add_parser(bench)
     overhead.add_parser(bench)
     routing.add_parser(bench)
+    peers.add_parser(bench)

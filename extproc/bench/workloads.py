@@ -9,7 +9,9 @@ simulated tokens of the rendered chat (see ``extproc/sim/tokens.py``).
 - ``hot``: ``tenants`` where one tenant sends a large share of the traffic;
 - ``random``: unique prompts, no sharing at all;
 - ``multiturn``: chat sessions whose prompt grows turn by turn; a session's next turn is only sent once
-  its previous answer has arrived (the answer is appended, as a chat client does).
+  its previous answer has arrived (the answer is appended, as a chat client does);
+- ``multitenant`` (`extproc bench peers` only): ``multiturn``'s sessions, each opening with its tenant's
+  long system prompt: uniform tenants whose users chat.
 """
 
 from __future__ import annotations
@@ -244,7 +246,7 @@ class MultiturnWorkload:
         k = self.started
         self.started += 1
         rng = random.Random(f"{self.seed}-session-{k}")
-        context = text(rng, rng.randint(*self.params.context_tokens), f"Session {k:05d}. Context document:")
+        context = self._opening(k, rng)
         session = Session(k, rng, rng.randint(*self.params.turns), [{"role": "system", "content": context}])
         if advance:
             answer = "".join(generated_text(i) for i in range(self.max_tokens))
@@ -253,6 +255,10 @@ class MultiturnWorkload:
                 session.messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
                 session.done += 1
         return session
+
+    def _opening(self, k: int, rng: random.Random) -> str:
+        """Session ``k``'s system message: a context document of its own."""
+        return text(rng, rng.randint(*self.params.context_tokens), f"Session {k:05d}. Context document:")
 
     def next(self, index: int) -> Turn:
         session = self.idle.pop(self.rng.randrange(len(self.idle))) if self.idle else self._new_session()
@@ -275,6 +281,47 @@ class MultiturnWorkload:
             self.idle.append(session)
 
 
+# ----- multitenant -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MultitenantParams:
+    """Uniform tenants whose users chat (the working set is about three 1,000-block replica caches)."""
+
+    tenants: int = 32
+    sessions_per_tenant: int = 2  # active sessions of each tenant
+    system_tokens: tuple[int, int] = (1000, 1400)  # each tenant's system prompt, shared by its sessions
+    user_tokens: tuple[int, int] = (30, 50)
+    turns: tuple[int, int] = (2, 6)
+
+    def sessions(self) -> MultiturnParams:
+        """The sessions behind the tenants' prompts: no context of their own (the opening is the tenant's)."""
+        count = self.tenants * self.sessions_per_tenant
+        return MultiturnParams(sessions=count, context_tokens=(0, 0), user_tokens=self.user_tokens, turns=self.turns)
+
+    def working_set_tokens(self, max_tokens: int) -> int:
+        """Every tenant's system prompt once, plus each active session's own history at mid-session."""
+        return self.tenants * sum(self.system_tokens) // 2 + self.sessions().working_set_tokens(max_tokens)
+
+
+class MultitenantWorkload(MultiturnWorkload):
+    """``multitenant``: ``multiturn`` whose sessions open with their tenant's system prompt, not a document each.
+
+    Session ``k`` belongs to tenant ``k mod tenants``, so every tenant keeps the same number of active
+    sessions; a router that keeps a tenant on one replica serves the long shared prefix from its cache and
+    each session's short history behind it, one that spreads tenants recomputes the prefix.
+    """
+
+    def __init__(self, seed: int, rate: float, count: int, max_tokens: int, params: MultitenantParams) -> None:
+        self.systems = tenant_prompts(seed, TenantParams(tenants=params.tenants, system_tokens=params.system_tokens))
+        super().__init__(seed, rate, count, max_tokens, params.sessions())
+        self.name = "multitenant"
+        self.info = {"working_set_tokens": params.working_set_tokens(max_tokens), **params.__dict__}
+
+    def _opening(self, k: int, rng: random.Random) -> str:
+        return self.systems[k % len(self.systems)]
+
+
 # ----- the catalogue -----------------------------------------------------------------------------------
 
 WORKLOADS: Sequence[str] = ("tenants", "multiturn", "random", "hot")
@@ -291,6 +338,8 @@ def make_workload(name: str, seed: int, rate: float, count: int, max_tokens: int
         return random_workload(seed, rate, count, max_tokens)
     if name == "multiturn":
         return MultiturnWorkload(seed, rate, count, max_tokens, MultiturnParams())
+    if name == "multitenant":
+        return MultitenantWorkload(seed, rate, count, max_tokens, MultitenantParams())
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
 
 
@@ -305,4 +354,7 @@ def describe(name: str, max_tokens: int) -> dict[str, Any]:
     if name == "multiturn":
         p = MultiturnParams()
         return {**p.__dict__, "working_set_tokens": p.working_set_tokens(max_tokens)}
+    if name == "multitenant":
+        m = MultitenantParams()
+        return {**m.__dict__, "working_set_tokens": m.working_set_tokens(max_tokens)}
     raise ValueError(name)

@@ -39,3 +39,25 @@ class KVCacheScorer:
 
     def score(self, ctx: SchedulingContext, candidates: Sequence[EndpointState]) -> list[float]:
         return [1.0 - u if 0.0 <= u <= 1.0 else float(u < 0.0) for u in (e.kv_usage for e in candidates)]
+
+
+@register_scorer("load")
+class LoadScorer:
+    """Fewer requests in flight is better, on an absolute scale: the queue, the batch and the picks since.
+
+    In flight = waiting + running (as last scraped) + pending (sent since). Unlike ``queue``'s min/max
+    normalisation, where one request more than the least loaded candidate already costs the full weight,
+    a candidate loses ``(in_flight - least) / scale`` of it (at most all): a difference of a request or two
+    between replicas costs little, so it does not outweigh a cached prefix, while a replica ``scale``
+    requests busier than the least loaded one loses the whole weight.
+    """
+
+    def __init__(self, scale: float = 8.0) -> None:
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or scale <= 0:
+            raise ValueError(f"scale must be a number above 0, got {scale!r}")
+        self.scale = float(scale)
+
+    def score(self, ctx: SchedulingContext, candidates: Sequence[EndpointState]) -> list[float]:
+        loads = [e.waiting + e.running + e.pending for e in candidates]
+        least, scale = min(loads), self.scale
+        return [max(0.0, 1.0 - (load - least) / scale) for load in loads]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,10 +56,14 @@ class CellRun:
     after: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-async def _scrape_all(session: aiohttp.ClientSession, bases: Sequence[str]) -> dict[str, dict[str, float]]:
+async def scrape_all(
+    session: aiohttp.ClientSession, bases: Sequence[str], names: Sequence[str] = COUNTERS
+) -> dict[str, dict[str, float]]:
+    """Each replica's ``names``, summed over their label sets, read at the same moment."""
+
     async def one(base: str) -> tuple[str, dict[str, float]]:
         async with session.get(f"{base}/metrics") as response:
-            return base, promtext.sum_samples(await response.text(), COUNTERS)
+            return base, promtext.sum_samples(await response.text(), names)
 
     return dict(await asyncio.gather(*(one(b) for b in bases)))
 
@@ -104,18 +108,34 @@ async def send_cell(url: str, workload: Workload, scale: float, warmup: int, bas
             outcome.done = time.monotonic() - start
             workload.answered(turn, content if outcome.ok else None)
 
-        tasks = []
-        for i, at in enumerate(workload.arrivals):
-            delay = start + at * scale - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if i == warmup:
-                run.before = await _scrape_all(session, bases)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
-        run.after = await _scrape_all(session, bases)
+        async def measure_from() -> None:
+            run.before = await scrape_all(session, bases)
+
+        await open_loop(workload.arrivals, start, scale, warmup, one, measure_from)
+        run.after = await scrape_all(session, bases)
     run.outcomes.sort(key=lambda o: o.index)
     return run
+
+
+async def open_loop(
+    arrivals: Sequence[float],
+    start: float,
+    scale: float,
+    warmup: int,
+    one: Callable[[int], Awaitable[None]],
+    measure_from: Callable[[], Awaitable[None]],
+) -> None:
+    """Start ``one(i)`` at ``start + arrivals[i] x scale`` (monotonic wall seconds), whether or not earlier ones
+    are done (open loop); await ``measure_from()`` just before request ``warmup``; return when all are done."""
+    tasks = []
+    for i, at in enumerate(arrivals):
+        delay = start + at * scale - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if i == warmup:
+            await measure_from()
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
 
 
 def summarize(run: CellRun, warmup: int, scale: float, replicas: Sequence[str]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from extproc.bench.routing.cell import send_cell, summarize
-from extproc.bench.routing.plan import POLICIES, Cell, plan_rates, policy_sections, select
+from extproc.bench.routing.plan import POLICIES, Cell, add_plan_options, plan_rates, policy_sections, select
 from extproc.bench.routing.report import json_safe, markdown, plot, show, text_tables
 from extproc.bench.routing.switch import switch_policy
 from extproc.bench.routing.targets import target_check, target_summary
@@ -44,9 +44,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=int,
         help="longer cells at low rates: at least this many requests (default 240, --quick 150)",
     )
-    p.add_argument("--warmup-share", type=float, default=0.3, help="leading share of each cell's requests not measured")
-    p.add_argument("--max-tokens", type=int, default=16, help="output tokens per request")
-    p.add_argument("--seed", type=int, default=1, help="seed of every workload (arrivals and prompts)")
+    add_plan_options(p, "simulated req/s")
     p.add_argument("--workloads", help=f"comma list of workloads (default: all of {', '.join(WORKLOADS)})")
     p.add_argument("--policies", help=f"comma list of policies (default: all of {', '.join(POLICIES)})")
     p.add_argument(
@@ -59,13 +57,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument(
         "--candidate", default="default", help="the policy the target check holds to the targets (for tuning runs)"
-    )
-    p.add_argument(
-        "--rates",
-        action="append",
-        default=[],
-        metavar="[WORKLOAD=]R1,R2,...",
-        help="simulated req/s; without WORKLOAD= for every workload; repeatable",
     )
     p.add_argument("--quick", action="store_true", help="CI smoke run: the middle rate only, shorter cells")
     p.add_argument("--json", type=Path, help="write every cell and the target check here")

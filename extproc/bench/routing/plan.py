@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,9 +75,25 @@ def policy_sections(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]]
     return {n: sections[n] for n in selected}, selected
 
 
-def plan_rates(args: argparse.Namespace, workloads: Sequence[str]) -> dict[str, list[float]]:
-    """Simulated req/s per workload: the defaults (``--quick``: the middle one), then ``--rates``."""
-    out = {w: [DEFAULT_RATES[w][QUICK_RATE_INDEX]] if args.quick else list(DEFAULT_RATES[w]) for w in workloads}
+def add_plan_options(p: argparse.ArgumentParser, rate_unit: str) -> None:
+    """The options of a benchmark run in cells of a workload at a rate (read by `plan_rates` and the cells)."""
+    p.add_argument("--warmup-share", type=float, default=0.3, help="leading share of each cell's requests not measured")
+    p.add_argument("--max-tokens", type=int, default=16, help="output tokens per request")
+    p.add_argument("--seed", type=int, default=1, help="seed of every workload (arrivals and prompts)")
+    p.add_argument(
+        "--rates",
+        action="append",
+        default=[],
+        metavar="[WORKLOAD=]R1,R2,...",
+        help=f"{rate_unit}; without WORKLOAD= for every workload; repeatable",
+    )
+
+
+def plan_rates(
+    args: argparse.Namespace, workloads: Sequence[str], defaults: Mapping[str, Sequence[float]] = DEFAULT_RATES
+) -> dict[str, list[float]]:
+    """Req/s per workload: the ``defaults`` (``--quick``: the middle one), then ``--rates``."""
+    out = {w: [defaults[w][QUICK_RATE_INDEX]] if args.quick else list(defaults[w]) for w in workloads}
     for item in args.rates:
         target, sep, values = item.rpartition("=")
         try:

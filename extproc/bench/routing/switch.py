@@ -25,7 +25,7 @@ def _get(url: str, timeout: float = 5.0) -> bytes:
         return bytes(response.read())
 
 
-def _post(url: str, body: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str]]:
+def post(url: str, body: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str]]:
     request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -80,7 +80,7 @@ def switch_policy(stack: Stack, section: dict[str, Any], bases: Sequence[str], s
     probe = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1})
     deadline = time.monotonic() + 20
     while True:
-        status, headers = _post(stack.gateway + "/v1/chat/completions", probe)
+        status, headers = post(stack.gateway + "/v1/chat/completions", probe)
         if status == 200 and headers.get(PICKED_HEADER, "-") not in ("", "-"):
             break
         if time.monotonic() > deadline:
@@ -88,6 +88,6 @@ def switch_policy(stack: Stack, section: dict[str, Any], bases: Sequence[str], s
         time.sleep(0.05)
     _wait_idle(bases)
     for base in bases:
-        _post(f"{base}/reset_prefix_cache", b"")
+        post(f"{base}/reset_prefix_cache", b"")
     time.sleep(settle)  # a few fresh scrapes of the idle pool
     return effective

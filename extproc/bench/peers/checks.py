@@ -1,0 +1,87 @@
+"""The issue's "Done when" checks, as numbers: ours against the peers, per (workload, rate).
+
+Rows have the routing benchmark's shape (workload, rate, check, op, bound, value, passed) plus both sides'
+figures (``ours``, ``theirs``), so a verdict is never printed without the numbers behind it. A check whose
+routers were not both run is n/a (passed None); one whose routers were neither run is left out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from extproc.bench.routing.targets import verdict
+
+SHARED_PREFIX = ("tenants", "multiturn", "hot", "multitenant")
+NO_SHARING = ("random",)
+PEERS = ("sglang-cache_aware", "sglang-round_robin", "sglang-power_of_two", "vllm-cache_aware", "vllm-round_robin")
+
+
+def _row(
+    workload: str, rate: float, check: str, op: str, bound: float, ours: float, theirs: float, how: str
+) -> dict[str, Any]:
+    if math.isnan(ours) or math.isnan(theirs) or (how == "ratio" and theirs <= 0):
+        value = math.nan
+    else:
+        value = ours / theirs if how == "ratio" else ours - theirs
+    passed = None if math.isnan(value) else value <= bound if op == "<=" else value >= bound
+    return {"workload": workload, "rate": rate, "check": check, "op": op, "bound": bound, "value": value,
+            "passed": passed, "ours": ours, "theirs": theirs}  # fmt: skip
+
+
+def done_when(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every check that applies to the cells that were run."""
+    by = {(c["workload"], c["rate"], c["router"]): c for c in cells}
+    rows: list[dict[str, Any]] = []
+
+    def get(w: str, r: float, router: str, key: str) -> float:
+        cell = by.get((w, r, router))
+        value = cell.get(key) if cell else None
+        return math.nan if value is None else float(value)
+
+    for w, r in sorted({(c["workload"], c["rate"]) for c in cells}):
+
+        def add(check: str, op: str, bound: float, a: str, b: str, key: str, how: str) -> None:
+            ours, theirs = get(w, r, a, key), get(w, r, b, key)  # noqa: B023
+            if not (math.isnan(ours) and math.isnan(theirs)):  # neither router run: nothing to say
+                rows.append(_row(w, r, check, op, bound, ours, theirs, how))  # noqa: B023
+
+        if w in SHARED_PREFIX:
+            sg = "sglang-cache_aware"
+            add("extproc TTFT mean / sglang cache_aware's", "<=", 1.0, "extproc", sg, "ttft_mean_ms", "ratio")
+            add("extproc TTFT p99 / sglang cache_aware's", "<=", 1.0, "extproc", sg, "ttft_p99_ms", "ratio")
+            add("extproc hit rate - sglang cache_aware's", ">=", -0.01, "extproc", sg, "hit_rate", "diff")
+            add("vllm cache_aware hit rate - round_robin's", ">=", 0.3, "vllm-cache_aware", "vllm-round_robin",
+                "hit_rate", "diff")  # fmt: skip
+        if w in NO_SHARING:
+            run = [p for p in PEERS if not math.isnan(get(w, r, p, "ttft_mean_ms"))]
+            best = min(run, key=lambda p: get(w, r, p, "ttft_mean_ms"), default=PEERS[0])
+            add(f"extproc TTFT mean / best peer's ({best})", "<=", 1.05, "extproc", best, "ttft_mean_ms", "ratio")
+        add("extproc-rr TTFT mean - sglang round_robin's (ms)", "<=", 2.0, "extproc-rr", "sglang-round_robin",
+            "ttft_mean_ms", "diff")  # fmt: skip
+        if (w, r, "vllm-cache_aware") in by:
+            lines = float(by[(w, r, "vllm-cache_aware")]["router_log"]["render_lines"])
+            rows.append(_row(w, r, "vllm cache_aware render/tokenize log lines", "<=", 0, lines, 0.0, "diff"))
+    return rows
+
+
+def figure(value: float, check: str) -> str:
+    """One side of a check as its unit wants it: a hit rate to 3 decimals, milliseconds and counts to 1."""
+    if math.isnan(value):
+        return "-"
+    return f"{value:.3f}" if "hit rate" in check else f"{value:.1f}"
+
+
+def check_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per check and rate: the value against its bound, both sides' figures, the verdict."""
+    lines = []
+    for row in rows:
+        check = row["check"]
+        value = "-" if math.isnan(row["value"]) else f"{row['value']:.3f}".rstrip("0").rstrip(".")
+        sides = f"{figure(row['ours'], check)} vs {figure(row['theirs'], check)}"
+        lines.append(
+            f"{row['workload']:<12} {row['rate']:>6g}  {check:<52} {value:>7} {row['op']} {row['bound']:g}"
+            f"  ({sides})  {verdict(row['passed'])}"
+        )
+    return lines
