@@ -58,6 +58,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="YAML",
         help="extra top-level configuration sections for both extproc routers, e.g. '{scrape: {interval: 1.0}}'",
     )
+    p.add_argument(
+        "--policy",
+        metavar="NAME=YAML",
+        action="append",
+        default=[],
+        help="also run the gateway as router extproc:NAME with this scheduler section (repeatable), e.g. "
+        "'prefix_only={filters: [subset, healthy], scorers: [{name: prefix}]}'",
+    )
     for kind, program in PROGRAMS.items():
         p.add_argument(
             f"--{kind}-router", metavar="PATH", help=f"the {program} command (default: beside python, or on PATH)"

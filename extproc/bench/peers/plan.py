@@ -44,7 +44,22 @@ def routers(args: argparse.Namespace) -> tuple[list[RouterSpec], dict[str, str],
             skipped[name] = (
                 f"{PROGRAMS[spec.kind]} is not installed: {INSTALL_HINT} (or give its path with --{spec.kind}-router)"
             )
-    return chosen, programs, skipped
+    return chosen + policy_variants(args.policy), programs, skipped
+
+
+def policy_variants(items: Sequence[str]) -> list[RouterSpec]:
+    """``--policy NAME=YAML``: the gateway again, as router ``extproc:NAME``, with that ``scheduler`` section
+    (to compare policies of the picker side by side with the peers, in one run)."""
+    import yaml
+
+    out = []
+    for item in items:
+        name, sep, text = item.partition("=")
+        section = yaml.safe_load(text) if sep else None
+        if not name.strip() or not isinstance(section, dict):
+            raise SystemExit(f"--policy {item!r}: expected NAME={{filters: ..., scorers: ..., picker: ...}}")
+        out.append(RouterSpec(f"extproc:{name.strip()}", "extproc", name.strip(), section))
+    return out
 
 
 def rates(args: argparse.Namespace, workloads: Sequence[str]) -> dict[str, list[float]]:
