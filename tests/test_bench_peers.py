@@ -28,7 +28,7 @@ from extproc.bench.peers.routers import INSTALL_HINT, find_program
 from extproc.bench.peers.stream import Timing, stream_one, streaming
 from extproc.bench.peers.summary import LATENCIES
 from extproc.bench.workloads import make_workload
-from tests.test_bench_routing import TAG_VARIABLE, _run, _tagged
+from tests.helpers import TAG_VARIABLE, run_tagged, tagged
 
 SMOKE_ROUTERS = ("extproc", "sglang-cache_aware", "vllm-round_robin")
 
@@ -141,14 +141,12 @@ def test_quick_run_answers_every_request_through_every_router(tmp_path: Path) ->
     tag = uuid.uuid4().hex
     options = ["--quick", "--workloads", "multitenant", "--rates", "20", "--routers", ",".join(SMOKE_ROUTERS)]
     options += ["--duration", "3", "--min-requests", "40", "--out", str(out_dir), "--log-dir", str(tmp_path / "logs")]
-    started = time.monotonic()
     env = {**os.environ, TAG_VARIABLE: tag}
-    result = _run([sys.executable, "-m", "extproc", "bench", "peers", *options], env, tag)
+    result = run_tagged([sys.executable, "-m", "extproc", "bench", "peers", *options], env, tag, timeout=180)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    assert time.monotonic() - started < 90, "the smoke run took over 90 s"
     assert "[cell 3/3]" in result.stdout and "done-when checks" in result.stdout
     time.sleep(0.5)
-    assert _tagged(tag) == [], "the benchmark left processes running"
+    assert tagged(tag) == [], "the benchmark left processes running"
 
     data = json.loads((out_dir / "peers.json").read_text())
     assert data["skipped"] == {} and data["failed_cells"] == []

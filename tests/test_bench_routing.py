@@ -6,12 +6,9 @@ variable, so the test can check (and, if the benchmark failed to, stop by PID) w
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -23,41 +20,9 @@ from extproc.bench.routing.report import ROWS
 from extproc.bench.routing.targets import target_check
 from extproc.bench.workloads import WORKLOADS, make_workload
 from extproc.stats import percentile
+from tests.helpers import TAG_VARIABLE, run_tagged, tagged
 
-TIMEOUT = 240.0
-TAG_VARIABLE = "EXTPROC_TEST_TAG"
-
-
-def _tagged(tag: str) -> list[int]:
-    """PIDs of live processes whose environment carries ``tag``."""
-    needle = f"{TAG_VARIABLE}={tag}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-    return pids
-
-
-def _run(argv: list[str], env: dict[str, str], tag: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # the benchmark stops its children on SIGTERM
-        try:
-            out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        raise AssertionError(f"benchmark took over {TIMEOUT:.0f}s\n{out[-3000:]}\n{err[-3000:]}") from None
-    finally:
-        for pid in _tagged(tag):  # left behind: stop by PID so nothing outlives the test
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+TIMEOUT = 240.0  # the whole --quick run
 
 
 def test_quick_run_measures_every_cell_and_prefix_policies_hit_more(tmp_path: Path) -> None:
@@ -66,10 +31,10 @@ def test_quick_run_measures_every_cell_and_prefix_policies_hit_more(tmp_path: Pa
     env = {**os.environ, TAG_VARIABLE: tag}
     options = ["--quick", "--out", str(out_dir), "--log-dir", str(tmp_path / "logs")]
     started = time.monotonic()
-    result = _run([sys.executable, "-m", "extproc", "bench", "routing", *options], env, tag)
+    result = run_tagged([sys.executable, "-m", "extproc", "bench", "routing", *options], env, tag, TIMEOUT)
     if result.returncode == 2 and "invalid choice: 'routing'" in result.stderr:
         # `extproc bench routing` not wired into extproc/bench/cli.py yet: the module's own entry point.
-        result = _run([sys.executable, "-m", "extproc.bench.routing", *options], env, tag)
+        result = run_tagged([sys.executable, "-m", "extproc.bench.routing", *options], env, tag, TIMEOUT)
     elapsed = time.monotonic() - started
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert elapsed < 120 + 30, f"--quick took {elapsed:.0f}s"  # budget 2 minutes, some slack for a busy CI box
@@ -77,7 +42,7 @@ def test_quick_run_measures_every_cell_and_prefix_policies_hit_more(tmp_path: Pa
     assert "[cell 20/20]" in result.stdout
 
     time.sleep(0.5)
-    assert _tagged(tag) == [], "the benchmark left processes running"
+    assert tagged(tag) == [], "the benchmark left processes running"
 
     data = json.loads((out_dir / "routing.json").read_text())
     cells = data["cells"]
