@@ -184,7 +184,7 @@ def _spec(value: Any) -> Any:
 
 # The subset hint comes first: it defines the candidate set, inside which health may fail open.
 DEFAULT_FILTERS = ("subset", "healthy", "not_saturated")
-DEFAULT_SCORERS = (("queue", 2.0), ("kv_cache", 2.0), ("prefix", 3.0))  # GIE's weights
+DEFAULT_SCORERS = (("queue", 2.0), ("kv_cache", 2.0), ("prefix", 4.0))  # GIE's, prefix 3 -> 4: docs/peers.md
 
 
 class Scheduler(_Strict):

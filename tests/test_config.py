@@ -80,7 +80,7 @@ def test_check_prints_the_configuration_as_it_would_run(tmp_path: Path) -> None:
     scheduler = effective["scheduler"]
     assert scheduler["picker"] == {"name": "max_score", "params": {"tie_tolerance": 0.5}}
     assert [f["name"] for f in scheduler["filters"]] == ["subset", "healthy", "not_saturated"]
-    assert scheduler["filters"][2]["params"] == {"queue_threshold": 5, "kv_cache_threshold": 0.8, "shed": False}
+    assert scheduler["filters"][2]["params"] == {"queue_threshold": 5, "kv_cache_threshold": 0.95, "shed": False}
     prefix = next(s for s in scheduler["scorers"] if s["name"] == "prefix")
     assert prefix["params"] == {
         "min_blocks": 16,
@@ -107,7 +107,7 @@ CURRENT = {
         "scorers": [
             {"name": "queue", "weight": 2},
             {"name": "kv_cache", "weight": 2},
-            {"name": "prefix", "weight": 3, "params": {"block_chars": 32, "max_blocks": 100, "max_prompt_blocks": 10}},
+            {"name": "prefix", "weight": 4, "params": {"block_chars": 32, "max_blocks": 100, "max_prompt_blocks": 10}},
         ],
     }
 }

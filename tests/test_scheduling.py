@@ -96,7 +96,7 @@ def test_saturated_endpoint_loses_despite_a_full_prefix_match() -> None:
     assert decision.endpoints[0] != first
     assert first not in decision.scores  # filtered out, not merely outscored
     # KV-cache pressure saturates too
-    hot.waiting, hot.kv_usage = 0, 0.95
+    hot.waiting, hot.kv_usage = 0, 0.97
     scrape(eps)
     assert s.schedule(request(s, text), eps, NOW).endpoints[0] != first
 
@@ -342,15 +342,17 @@ def test_benchmark_policies_are_expressible_in_config(policy: str) -> None:
         assert eps[2].address not in decision.endpoints  # the longest queue is not even a fallback
 
 
-def test_default_config_is_the_gie_weights() -> None:
+def test_default_policy_is_gies_weights_with_prefix_4_and_kv_threshold_095() -> None:
     s = Scheduler.from_config(
         cfg.parse_config({"pools": [{"name": POOL, "models": [MODEL], "endpoints": {"static": ["10.0.0.1:8000"]}}]})
     )
     assert [(w, type(sc).__name__) for w, sc in s._scorers] == [
         (2, "QueueScorer"),
         (2, "KVCacheScorer"),
-        (3, "PrefixScorer"),
+        (4, "PrefixScorer"),
     ]
+    saturation = next(f for f in s._filters if type(f).__name__ == "NotSaturated")
+    assert (saturation.queue_threshold, saturation.kv_cache_threshold) == (5, 0.95)
 
 
 def test_max_score_breaks_near_ties_in_rotation() -> None:

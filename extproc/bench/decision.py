@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{args.endpoints} endpoints, {args.prompt_chars}-char prompts ({blocks} blocks), "
         f"{args.conversations} conversations sharing a {args.system_chars}-char system prompt, "
-        f"{args.iterations} iterations per case; default policy (queue 2, kv_cache 2, prefix 3)",
+        f"{args.iterations} iterations per case; default policy (queue 2, kv_cache 2, prefix 4)",
         flush=True,
     )
     print(f"{'case':<16}{'p50 us':>9}{'p90 us':>9}{'p99 us':>9}")

@@ -8,7 +8,7 @@ Policies are plain configuration (``scheduler:`` in the config file):
 =================  ===============================================  ==========================================
 policy             scorers (name: weight, params)                   filters / picker
 =================  ===============================================  ==========================================
-default            queue: 2, kv_cache: 2, prefix: 3                 healthy, subset, not_saturated / max_score
+default            queue: 2, kv_cache: 2, prefix: 4                 healthy, subset, not_saturated / max_score
 GIE-like prefix    as default, prefix params {min_blocks: 1}        as default
 least queue        queue: 1                                         as default / max_score
 prefix only        prefix: 1                                        healthy, subset / max_score

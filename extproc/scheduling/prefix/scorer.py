@@ -41,8 +41,8 @@ class PrefixScorer:
       small tie-breaking bonus and are spread by the load scorers.
 
     ``min_blocks=1`` gives GIE's ratio-only score. The default, 16 blocks of 64 characters (about
-    256 tokens), makes a fully matched prompt outweigh the queue scorer's full swing (default weights 3 vs 2)
-    only from 11 matched blocks (~170 tokens) on; below that, load decides and affinity breaks ties.
+    256 tokens), makes a fully matched prompt outweigh the queue scorer's full swing (default weights 4 vs 2)
+    only from 9 matched blocks (~140 tokens) on; below that, load decides and affinity breaks ties.
 
     Params: ``block_chars`` characters per block (~16 tokens at the default 64), ``max_prompt_blocks``
     leading blocks of a prompt that are hashed, ``max_blocks`` blocks remembered per endpoint (LRU) at most.
