@@ -56,7 +56,8 @@ class NotSaturated:
     running requests only, so a few long prompts fill it: with 3,000-token prompts, five running requests on
     a 1,000-block replica reach 0.8, and a threshold there takes the replica holding a tenant's prefix out
     of the choice whenever it serves that tenant, which sends the tenant's next requests to replicas that
-    must recompute it (docs/peers.md, tuning log: 0.95 raised the hit rate by 2-4 points, TTFT no worse).
+    must recompute it (docs/peers.md, tuning log: with prefix weight 4, 0.95 raised the hit rate on uniform
+    tenants by 1-3 points, TTFT no worse).
 
     ``pending`` (requests sent since the last scrape) is left out on purpose: most of them are already
     running or done by the next scrape, and at a few hundred requests per second per endpoint they alone
