@@ -170,3 +170,19 @@ def test_quick_run_answers_every_request_through_every_router(tmp_path: Path) ->
     assert checks and checks[0]["value"] is not None
     assert (out_dir / "peers-multitenant.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| TTFT mean ms |" in (out_dir / "peers.md").read_text()
+
+
+def test_policy_variants_take_a_scheduler_section_or_top_level_sections() -> None:
+    from extproc.bench.peers.plan import policy_variants
+
+    plain, whole = policy_variants(
+        ["p={scorers: [{name: prefix}]}", "slow={scrape: {interval: 0.2}, scheduler: {picker: random}}"]
+    )
+    assert (plain.name, plain.scheduler, plain.settings) == ("extproc:p", {"scorers": [{"name": "prefix"}]}, None)
+    assert (whole.name, whole.scheduler, whole.settings) == (
+        "extproc:slow",
+        {"picker": "random"},
+        {"scrape": {"interval": 0.2}},
+    )
+    with pytest.raises(SystemExit, match="expected NAME="):
+        policy_variants(["nothing"])

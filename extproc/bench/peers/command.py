@@ -64,7 +64,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="append",
         default=[],
         help="also run the gateway as router extproc:NAME with this scheduler section (repeatable), e.g. "
-        "'prefix_only={filters: [subset, healthy], scorers: [{name: prefix}]}'",
+        "'prefix_only={filters: [subset, healthy], scorers: [{name: prefix}]}'; a mapping with a top-level key "
+        "(scheduler, scrape, limits, server) is taken as those sections, e.g. 'slow={scrape: {interval: 0.2}}'",
     )
     for kind, program in PROGRAMS.items():
         p.add_argument(
@@ -160,7 +161,10 @@ def _run(args: argparse.Namespace) -> int:
         min_requests=settings.min_requests,
         rates=rates,
         workloads={w: describe(w, args.max_tokens) for w in workloads},
-        routers={s.name: {"kind": s.kind, "policy": s.policy, "scheduler": s.scheduler} for s in specs},
+        routers={
+            s.name: {"kind": s.kind, "policy": s.policy, "scheduler": s.scheduler, "settings": s.settings}
+            for s in specs
+        },
         peers=plan.versions(programs),
         host={"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
     )

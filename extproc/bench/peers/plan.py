@@ -47,9 +47,13 @@ def routers(args: argparse.Namespace) -> tuple[list[RouterSpec], dict[str, str],
     return chosen + policy_variants(args.policy), programs, skipped
 
 
+SETTINGS_KEYS = ("scheduler", "scrape", "limits", "server")  # a --policy mapping holding one is whole settings
+
+
 def policy_variants(items: Sequence[str]) -> list[RouterSpec]:
     """``--policy NAME=YAML``: the gateway again, as router ``extproc:NAME``, with that ``scheduler`` section
-    (to compare policies of the picker side by side with the peers, in one run)."""
+    (to compare policies of the picker side by side with the peers, in one run), or with those top-level
+    sections when the mapping names one (``{scrape: {interval: 0.1}}``: the default policy, scraped less)."""
     import yaml
 
     out = []
@@ -57,8 +61,17 @@ def policy_variants(items: Sequence[str]) -> list[RouterSpec]:
         name, sep, text = item.partition("=")
         section = yaml.safe_load(text) if sep else None
         if not name.strip() or not isinstance(section, dict):
-            raise SystemExit(f"--policy {item!r}: expected NAME={{filters: ..., scorers: ..., picker: ...}}")
-        out.append(RouterSpec(f"extproc:{name.strip()}", "extproc", name.strip(), section))
+            raise SystemExit(
+                f"--policy {item!r}: expected NAME={{filters: ..., scorers: ..., picker: ...}} (a scheduler "
+                "section) or NAME={scrape: ..., scheduler: ...} (top-level sections)"
+            )
+        label = name.strip()
+        if any(key in section for key in SETTINGS_KEYS):
+            scheduler = section.get("scheduler")
+            others = {k: v for k, v in section.items() if k != "scheduler"}
+            out.append(RouterSpec(f"extproc:{label}", "extproc", label, scheduler, others))
+        else:
+            out.append(RouterSpec(f"extproc:{label}", "extproc", label, section))
     return out
 
 

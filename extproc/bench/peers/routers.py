@@ -41,6 +41,7 @@ class RouterSpec:
     kind: str  # "extproc", "sglang" or "vllm"
     policy: str  # the peer's --policy; for the gateway, a label
     scheduler: dict[str, Any] | None = None  # the gateway's scheduler section (None: the configuration's default)
+    settings: dict[str, Any] | None = None  # other top-level sections for this gateway alone (e.g. scrape)
 
 
 ROUTERS: dict[str, RouterSpec] = {
@@ -135,6 +136,7 @@ def _wait(what: str, ready: Callable[[], bool], watch: Sequence[Child], timeout:
 def _start_gateway(spec: RouterSpec, setup: SimSetup, log_dir: Path, settings: dict[str, Any]) -> Running:
     from extproc.local.stack import PoolSpec, start_stack  # the configuration's pydantic models: only when needed
 
+    settings = {**settings, **(spec.settings or {})}
     if spec.scheduler is not None:
         settings = {**settings, "scheduler": spec.scheduler}
     stack = start_stack(log_dir, [PoolSpec("bench", MODEL, setup.replicas, setup.args())], settings=settings)
