@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -257,6 +257,68 @@ class Server(_Strict):
         return value
 
 
+REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel")
+
+
+class State(_Strict):
+    """Where what the picker learns from its picks lives: this process alone, or shared through Redis.
+
+    With ``redis`` every replica keeps deciding on its own in-memory index (no Redis round trip on the
+    request path), publishes what it records and applies what the others publish (docs/state.md).
+    """
+
+    backend: Literal["local", "redis"] = Field(
+        default="local", description="local: this process only; redis: replicas share picks through Redis"
+    )
+    url: str | None = Field(
+        default=None,
+        description="redis://host:6379/0, rediss:// for TLS, redis+cluster://host:port (any node of a cluster), "
+        "redis+sentinel://host:26379,host2:26379/MASTER[/db]; no password here (password_file, password_env)",
+    )
+    username: str | None = Field(default=None, description="ACL user (the password comes from a file or the env)")
+    password_file: str | None = Field(default=None, description="file whose first line is the password")
+    password_env: str | None = Field(default=None, description="environment variable holding the password")
+    ca_file: str | None = Field(default=None, description="CA bundle for rediss:// (default: the system's)")
+    key: str = Field(default="extproc:picks", min_length=1, description="the Redis stream the replicas share")
+    max_entries: int = Field(
+        default=20_000, ge=100, description="entries (batches of picks) the stream keeps: the warm-up history"
+    )
+    publish_interval: float = Field(
+        default=0.005, gt=0, le=1.0, description="seconds between batches a replica publishes"
+    )
+    warmup_timeout: float = Field(
+        default=5.0, ge=0, description="seconds a starting replica may spend reading the history before it is ready"
+    )
+    timeout: float = Field(default=1.0, gt=0, description="seconds before a Redis command counts as failed")
+    max_outbox: int = Field(
+        default=50_000, ge=100, description="picks buffered while Redis is unreachable; older ones are dropped"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in REDIS_SCHEMES or not rest:
+            raise ValueError(f"url {value!r} must start with one of {', '.join(s + '://' for s in REDIS_SCHEMES)}")
+        userinfo, at, _ = rest.rpartition("@")
+        if at and ":" in userinfo:
+            raise ValueError(
+                "url must not hold a password (it would sit in the config file): put the user in 'username' "
+                "and the password in a file ('password_file') or an environment variable ('password_env')"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _backend(self) -> State:
+        if self.backend == "redis" and not self.url:
+            raise ValueError("backend 'redis' needs 'url', e.g. url: redis://redis:6379/0")
+        if self.password_file and self.password_env:
+            raise ValueError("give the password one way: 'password_file' or 'password_env', not both")
+        return self
+
+
 class Config(_Strict):
     """The whole file: the picker's server, its pools and splits, scraping, the scheduling policy, limits."""
 
@@ -266,6 +328,7 @@ class Config(_Strict):
     scrape: Scrape = Scrape()
     scheduler: Scheduler = Scheduler()
     limits: Limits = Limits()
+    state: State = State()
 
     @model_validator(mode="before")
     @classmethod

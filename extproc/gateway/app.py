@@ -1,8 +1,9 @@
 """Everything `extproc serve` runs, wired together, with an orderly start and stop.
 
 The data layer (endpoint table, discovery, scraper, EDS files), the scheduler, the director, the
-gRPC server (ExternalProcessor + health) and the metrics endpoint; the config file is watched for
-new pool membership (and re-read on SIGHUP), which discovery applies.
+gRPC server (ExternalProcessor + health), the metrics endpoint and, with ``state.backend: redis``, the
+replicator that shares picks with the other replicas; the config file is watched for new pool membership
+(and re-read on SIGHUP), which discovery applies.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from extproc.gateway.director import Director
 from extproc.gateway.server import SERVICE_NAME, ExternalProcessor
 from extproc.gateway.telemetry import StateCollector, Telemetry
 from extproc.scheduling.scheduler import Scheduler
+from extproc.state.replicator import Replicator
 
 log = logging.getLogger("extproc")
 
@@ -50,6 +52,11 @@ class App:
         self.director = Director(config, self.table, self.scheduler, self.telemetry)
         self.table.on_removed(self.telemetry.forget_endpoint)
         self.telemetry.watch(StateCollector(config, self.table, self.scraper.stats, self.scheduler))
+        self.replicator = (
+            Replicator(config, self.scheduler, self.table, self.telemetry.registry)
+            if config.state.backend == "redis"
+            else None
+        )
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.bound_port: int | None = None
@@ -78,6 +85,9 @@ class App:
             raise OSError(f"cannot listen on {listen}: {exc} (is the address in use?)") from None
         await server.start()
         self.server = server
+        await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+        if self.replicator is not None:  # ready once the shared history is applied (bounded by warmup_timeout)
+            await self.replicator.start()
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.telemetry.serve(self.config.server.metrics_listen)
@@ -121,6 +131,8 @@ class App:
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server is not None:
             await self.server.stop(self.config.server.grace_period)
+        if self.replicator is not None:
+            await self.replicator.stop()
         await self.scraper.stop()
         await self.discovery.stop()
 

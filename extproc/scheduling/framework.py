@@ -12,7 +12,10 @@ plugin and calls them without knowing what the plugin is:
 - ``on_picked(ctx, endpoint)``: the request was routed to ``endpoint`` (learn from the decision);
 - ``forget_endpoint(address)``: the address left every pool (drop what is remembered of it);
 - ``collect_metrics(members)``: Prometheus metric families describing the plugin's own state, read at
-  scrape time (``members`` maps each pool to its endpoint addresses).
+  scrape time (``members`` maps each pool to its endpoint addresses);
+- ``share_kind`` with ``shared_record``, ``encode_shared`` and ``apply_shared``: what the plugin learns
+  from a pick, shared with the other replicas of the picker (``state.backend: redis``). The request path
+  only calls ``shared_record`` (cheap: a tuple); encoding and applying happen in the background.
 """
 
 from __future__ import annotations
@@ -92,6 +95,19 @@ class RemembersEndpoints(Protocol):
 @runtime_checkable
 class ExportsMetrics(Protocol):
     def collect_metrics(self, members: Mapping[str, Sequence[str]]) -> Iterable[Any]: ...
+
+
+@runtime_checkable
+class SharesState(Protocol):
+    share_kind: str  # names the plugin's records on the wire; replicas must agree on it
+
+    def shared_record(self, ctx: SchedulingContext, endpoint: EndpointState) -> Any | None: ...
+
+    def encode_shared(self, record: Any) -> bytes: ...
+
+    def apply_shared(self, address: str, payload: bytes) -> None:
+        """Learn another replica's pick of ``address``; raises ValueError when ``payload`` is malformed."""
+        ...
 
 
 KINDS = ("filter", "scorer", "picker")

@@ -23,6 +23,7 @@ round robin: ``scheduler: {filters: [healthy, subset], scorers: [], picker: roun
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ from extproc.scheduling.framework import (
     RemembersEndpoints,
     SchedulingContext,
     Scorer,
+    SharesState,
     build,
     effective_params,
 )
@@ -71,6 +73,10 @@ class Scheduler:
         plugins = self.plugins()
         self._learners = [p for p in plugins if isinstance(p, LearnsFromPicks)]
         self._rememberers = [p for p in plugins if isinstance(p, RemembersEndpoints)]
+        self._sharers: dict[str, SharesState] = {p.share_kind: p for p in plugins if isinstance(p, SharesState)}
+        # (pool, address, [(plugin, record)]) per pick while sharing is on; None: local state only
+        self._outbox: deque[tuple[str, str, list[tuple[SharesState, Any]]]] | None = None
+        self.shared_dropped = 0  # picks the outbox lost (full while nobody took them)
 
     @classmethod
     def from_config(cls, config: cfg.Config, rng: random.Random | None = None) -> Scheduler:
@@ -115,12 +121,41 @@ class Scheduler:
         picked.pending += 1
         for learner in self._learners:
             learner.on_picked(ctx, picked)
+        outbox = self._outbox
+        if outbox is not None:
+            if len(outbox) == outbox.maxlen:
+                self.shared_dropped += 1
+            records = [(p, r) for p in self._sharers.values() if (r := p.shared_record(ctx, picked)) is not None]
+            outbox.append((request.pool, picked.address, records))
         return Decision(
             endpoints=tuple(candidates[i].address for i in order),
             reason="; ".join(notes),
             fail_open=fail_open,
             scores=dict(zip([e.address for e in candidates], totals, strict=True)),
         )
+
+    def share(self, max_outbox: int) -> None:
+        """Keep what every pick teaches (up to ``max_outbox`` picks) for ``take_shared``: replicas share it."""
+        self._outbox = deque(maxlen=max_outbox)
+
+    def take_shared(self) -> list[tuple[str, str, list[tuple[str, bytes]]]]:
+        """The picks since the last call, each as (pool, address, [(plugin kind, encoded record)]), oldest first."""
+        outbox = self._outbox
+        if not outbox:
+            return []
+        taken = list(outbox)
+        outbox.clear()
+        return [
+            (pool, address, [(p.share_kind, p.encode_shared(r)) for p, r in records])
+            for pool, address, records in taken
+        ]
+
+    def apply_shared(self, kind: str, address: str, payload: bytes) -> None:
+        """Another replica's pick of ``address``, as plugin ``kind`` recorded it; ValueError if unknown or malformed."""
+        plugin = self._sharers.get(kind)
+        if plugin is None:
+            raise ValueError(f"no plugin shares records of kind {kind!r}")
+        plugin.apply_shared(address, payload)
 
     def forget_endpoint(self, address: str) -> None:
         """Tell every plugin that remembers endpoints that ``address`` left its last pool."""

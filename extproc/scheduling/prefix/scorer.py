@@ -9,6 +9,9 @@ hashed at all.
 
 from __future__ import annotations
 
+import struct
+import sys
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -17,6 +20,9 @@ from extproc.scheduling.framework import SchedulingContext, register_scorer
 from extproc.scheduling.prefix.hashing import prompt_hashes
 from extproc.scheduling.prefix.index import PrefixIndex
 from extproc.scheduling.prefix.metrics import RatioHistograms, index_metrics
+
+_LIMIT = struct.Struct("<I")  # a shared record: the index limit (0 = none), then the hashes as uint64 LE
+_LITTLE = sys.byteorder == "little"
 
 
 def _at_least(name: str, value: object, low: int) -> int:
@@ -92,13 +98,43 @@ class PrefixScorer:
         if looked_up is None:
             return
         hashes, matches = looked_up
-        capacity = endpoint.cache_tokens
-        limit = int(capacity * self._blocks_per_token) if capacity and self._blocks_per_token else None
-        self.index.record(endpoint.address, hashes, limit)
+        self.index.record(endpoint.address, hashes, self._limit(endpoint))
         self.hit_ratio.observe(ctx.request.pool, matches.get(endpoint.address, 0) / len(hashes))
 
     def forget_endpoint(self, address: str) -> None:
         self.index.purge(address)
+
+    # Shared with the other replicas (state.backend: redis): what on_picked recorded, and its bound.
+    share_kind = "prefix"
+
+    def shared_record(self, ctx: SchedulingContext, endpoint: EndpointState) -> Any | None:
+        looked_up = ctx.state.get(self)
+        if looked_up is None:
+            return None
+        return looked_up[0], self._limit(endpoint)
+
+    def encode_shared(self, record: Any) -> bytes:
+        hashes, limit = record
+        blocks = array("Q", hashes)
+        if not _LITTLE:
+            blocks.byteswap()
+        return _LIMIT.pack(limit or 0) + blocks.tobytes()
+
+    def apply_shared(self, address: str, payload: bytes) -> None:
+        if len(payload) < _LIMIT.size + 8 or (len(payload) - _LIMIT.size) % 8:
+            raise ValueError(f"a prefix record is 4 bytes of limit and 8 per block hash, got {len(payload)} bytes")
+        (limit,) = _LIMIT.unpack_from(payload)
+        blocks = array("Q")
+        blocks.frombytes(payload[_LIMIT.size :])
+        if not _LITTLE:
+            blocks.byteswap()
+        if len(blocks) > self.max_prompt_blocks:
+            raise ValueError(f"{len(blocks)} blocks in a prefix record, more than max_prompt_blocks")
+        self.index.record(address, blocks.tolist(), limit or None)
+
+    def _limit(self, endpoint: EndpointState) -> int | None:
+        capacity = endpoint.cache_tokens
+        return int(capacity * self._blocks_per_token) if capacity and self._blocks_per_token else None
 
     def collect_metrics(self, members: Mapping[str, Sequence[str]]) -> Iterable[Any]:
         yield from index_metrics(self.index, members)

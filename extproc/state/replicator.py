@@ -1,0 +1,292 @@
+"""Replicas of the picker share their picks through one Redis stream, off the request path.
+
+Each replica keeps deciding on its own in-memory state (the prefix index, the endpoints' ``pending``
+counts): a decision never waits for Redis. In the background this replica
+
+- publishes what its picks taught it (``Scheduler.take_shared``) every ``publish_interval``, one stream
+  entry per batch (``XADD ... MAXLEN ~ max_entries``);
+- reads every other replica's entries as they arrive (``XREAD BLOCK`` from the last entry it saw) and
+  applies them: the plugins' records (``Scheduler.apply_shared``), and one ``pending`` request on the
+  endpoint when the pick is younger than a scrape interval (an older one is in the scrape already);
+- on start, reads the stream's history before it reports ready (at most ``warmup_timeout``), so a new or
+  restarted replica starts with what the others know.
+
+Why a stream rather than pub/sub: a stream keeps the recent history, so warm-up and a reconnect after an
+outage replay what was missed (from the last entry id seen), while pub/sub drops whatever was published
+while a subscriber was away. Trimming is approximate (``~``), which costs Redis nothing per entry.
+
+When Redis is down, stalled or slow, decisions go on with the local state; picks wait in a bounded outbox
+(the oldest are dropped and counted) and go out when Redis answers again; the reader resumes where it
+stopped. Entries that are not batches (another program's, or corrupt) are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from redis.exceptions import RedisError
+
+from extproc.config import Config
+from extproc.state import connect
+from extproc.state.records import Pick, decode_batch, encode_batch
+
+if TYPE_CHECKING:
+    from extproc.datalayer.table import EndpointTable
+    from extproc.scheduling.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+BATCH_PICKS = 256  # picks per stream entry at most: entries stay well under a megabyte
+READ_COUNT = 500  # entries per XREAD / XRANGE
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BACKOFF_MAX = 2.0  # seconds between attempts while Redis does not answer: resumes within 2 s of its return
+ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+
+def replica_name() -> str:
+    """This process's name on the stream: host, PID and a random tag (PIDs repeat across containers)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class ReplicationStats:
+    up: bool = False
+    published: int = 0  # picks written to Redis
+    applied: int = 0  # other replicas' picks applied
+    dropped: int = 0  # picks lost: the outbox was full while Redis was away
+    rejected: int = 0  # stream entries or records that were not ours to read (corrupt, foreign, unknown kind)
+    unknown_endpoint: int = 0  # picks of an endpoint this replica does not know (yet)
+    reconnects: int = 0
+    warmup_seconds: float | None = None
+    warmup_entries: int = 0
+    last_error: str = ""
+    outbox: deque[Pick] = field(default_factory=deque)
+
+
+class Replicator:
+    """Publishes this replica's picks to ``state.key`` and applies the other replicas' (see the module)."""
+
+    def __init__(
+        self,
+        config: Config,
+        scheduler: Scheduler,
+        table: EndpointTable,
+        registry: CollectorRegistry | None = None,
+        *,
+        name: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = config.state
+        self.scrape_interval = config.scrape.interval
+        self.scheduler = scheduler
+        self.table = table
+        self.name = name or replica_name()
+        self._name_bytes = self.name.encode()
+        self._clock = clock
+        self.stats = ReplicationStats(outbox=deque(maxlen=self.settings.max_outbox))
+        self._client: Any = None
+        self._last_id: bytes | None = None  # the last stream entry applied; None until the history is read
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()
+        self.lag = Histogram(
+            "extproc_state_replication_lag_seconds",
+            "From another replica's pick being published to it being applied here (both wall clocks).",
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        )
+        if registry is not None:
+            registry.register(_StatsCollector(self.stats))
+
+    async def start(self) -> None:
+        """Start sharing; return once the stream's history is applied, or after ``warmup_timeout``."""
+        self.scheduler.share(self.settings.max_outbox)
+        self._client = connect.client(self.settings)
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self._catch_up(), self.settings.warmup_timeout)
+            self.stats.warmup_seconds = time.monotonic() - started
+            log.info(
+                "state: %d entries of history applied from %s in %.2fs",
+                self.stats.warmup_entries,
+                self.settings.key,
+                self.stats.warmup_seconds,
+            )
+        except ERRORS as exc:  # including the timeout
+            self._down(exc)
+            log.warning(
+                "state: no history from Redis within %.1fs (%s); ready with local state, catching up later",
+                self.settings.warmup_timeout,
+                self.stats.last_error,
+            )
+        self._tasks = [asyncio.create_task(self._publish_loop()), asyncio.create_task(self._read_loop())]
+
+    async def stop(self) -> None:
+        """Publish what is left (briefly), stop the loops, close the connection."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._client is not None:
+            with contextlib.suppress(*ERRORS):
+                await asyncio.wait_for(self._flush(), self.settings.timeout)
+            with contextlib.suppress(*ERRORS):
+                await self._client.aclose()
+
+    # ----- publishing -------------------------------------------------------------------------------
+
+    async def _publish_loop(self) -> None:
+        backoff = 0.0
+        while True:
+            await asyncio.sleep(max(self.settings.publish_interval, backoff))
+            try:
+                await self._flush()
+                backoff = 0.0
+            except ERRORS as exc:
+                self._down(exc)
+                backoff = min(BACKOFF_MAX, max(0.05, backoff * 2))
+
+    async def _flush(self) -> None:
+        outbox = self.stats.outbox
+        for pick in self.scheduler.take_shared():
+            if len(outbox) == outbox.maxlen:
+                self.stats.dropped += 1
+            outbox.append(pick)
+        self.stats.dropped += self.scheduler.shared_dropped
+        self.scheduler.shared_dropped = 0
+        while outbox:
+            batch = [outbox[i] for i in range(min(BATCH_PICKS, len(outbox)))]
+            fields = {b"r": self._name_bytes, b"t": repr(self._clock()).encode(), b"b": encode_batch(batch)}
+            await self._client.xadd(self.settings.key, fields, maxlen=self.settings.max_entries, approximate=True)
+            for _ in batch:
+                outbox.popleft()
+            self.stats.published += len(batch)
+            self._up()
+
+    # ----- reading ----------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        block_ms = max(10, int(self.settings.timeout * 500))  # a blocked read must end before the socket times out
+        backoff = 0.0
+        while True:
+            try:
+                if self._last_id is None:
+                    await self._catch_up()
+                answer = await self._client.xread({self.settings.key: self._last_id}, count=READ_COUNT, block=block_ms)
+                for _stream, entries in answer or ():
+                    for entry_id, fields in entries:
+                        self._apply(entry_id, fields, live=True)
+                self._up()
+                backoff = 0.0
+            except ERRORS as exc:
+                self._down(exc)
+                backoff = min(BACKOFF_MAX, max(0.05, backoff * 2))
+                await asyncio.sleep(backoff)
+
+    async def _catch_up(self) -> None:
+        """Apply the stream's whole history, oldest first (a start, or a reader that never got it)."""
+        start = b"-"
+        while True:
+            entries = await self._client.xrange(self.settings.key, min=start, count=READ_COUNT)
+            for entry_id, fields in entries:
+                self._apply(entry_id, fields, live=False)
+                self.stats.warmup_entries += 1
+            if len(entries) < READ_COUNT:
+                break
+            start = b"(" + entries[-1][0]
+        self._up()
+        if self._last_id is None:
+            self._last_id = b"0-0"
+
+    def _apply(self, entry_id: bytes, fields: dict[bytes, bytes], live: bool) -> None:
+        self._last_id = entry_id
+        origin = fields.get(b"r")
+        if origin == self._name_bytes:
+            return
+        try:
+            sent = float(fields[b"t"])
+            picks = decode_batch(fields[b"b"])
+        except (KeyError, ValueError):
+            self.stats.rejected += 1
+            return
+        age = max(0.0, self._clock() - sent)
+        if live:
+            self.lag.observe(age)
+        fresh = live and age < self.scrape_interval
+        table, scheduler, stats = self.table, self.scheduler, self.stats
+        for pool, address, records in picks:
+            endpoint = table.get(pool, address)
+            if endpoint is None:
+                stats.unknown_endpoint += 1
+                continue
+            if fresh:
+                endpoint.pending += 1
+            for kind, payload in records:
+                try:
+                    scheduler.apply_shared(kind, address, payload)
+                except ValueError:
+                    stats.rejected += 1
+            stats.applied += 1
+
+    # ----- connection state -------------------------------------------------------------------------
+
+    def _up(self) -> None:
+        if not self.stats.up:
+            if self.stats.last_error:
+                log.info("state: Redis answers again")
+            self.stats.up = True
+
+    def _down(self, exc: BaseException) -> None:
+        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if self.stats.up or message != self.stats.last_error:
+            log.warning("state: Redis unavailable (%s); routing on local state, retrying", message)
+            self.stats.reconnects += 1
+        self.stats.up = False
+        self.stats.last_error = message
+
+
+class _StatsCollector:
+    """The replication counters, read at Prometheus scrape time."""
+
+    def __init__(self, stats: ReplicationStats) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> list[Metric]:
+        s = self._stats
+        up = GaugeMetricFamily("extproc_state_redis_up", "1 while the last Redis command of the replicator succeeded.")
+        up.add_metric([], 1.0 if s.up else 0.0)
+        outbox = GaugeMetricFamily("extproc_state_outbox_picks", "Picks waiting to be published.")
+        outbox.add_metric([], float(len(s.outbox)))
+        warmup = GaugeMetricFamily(
+            "extproc_state_warmup_seconds", "How long reading the shared history took at start (NaN: it timed out)."
+        )
+        warmup.add_metric([], s.warmup_seconds if s.warmup_seconds is not None else float("nan"))
+        out: list[Metric] = [up, outbox, warmup]
+        for name, value, text in (
+            ("published_picks", s.published, "Picks this replica published."),
+            ("applied_picks", s.applied, "Other replicas' picks applied here."),
+            ("dropped_picks", s.dropped, "Picks never published: the outbox was full while Redis was away."),
+            ("rejected_records", s.rejected, "Stream entries or records skipped as corrupt or foreign."),
+            ("unknown_endpoint_picks", s.unknown_endpoint, "Shared picks of endpoints this replica does not know."),
+            ("redis_errors", s.reconnects, "Times Redis became unavailable to the replicator."),
+        ):
+            family = CounterMetricFamily(f"extproc_state_{name}", text)
+            family.add_metric([], float(value))
+            out.append(family)
+        return out

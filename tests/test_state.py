@@ -1,0 +1,352 @@
+"""Shared state through a real `redis-server` on 127.0.0.1: picks made by one replica reach the others.
+
+Each test starts its own redis-server (Debian's package; skipped, saying so, without it) on a free port and
+stops it by PID. Waits are event-based (poll until the condition holds, with a generous bound), never sleeps
+that assume how fast this machine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extproc import config as cfg
+from extproc.datalayer.table import EndpointTable
+from extproc.local.procs import free_port, port_free
+from extproc.scheduling import RoutingRequest, Scheduler
+from extproc.state.records import decode_batch, encode_batch
+from extproc.state.replicator import Replicator
+
+POOL, MODEL = "pool", "m"
+ADDRESSES = [f"10.0.0.{i}:8000" for i in range(1, 5)]
+DOCUMENT = "You are the assistant of tenant seven. Context: " + "the river runs north to the sea. " * 60
+
+NO_REDIS = "redis-server not installed (Debian: apt-get install redis-server; .ci/run installs it)"
+
+
+class RedisServer:
+    """One redis-server on 127.0.0.1, no persistence; stop/restart by PID."""
+
+    def __init__(self, tmp: Path, *extra: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.tmp = tmp
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        argv += ["--dir", str(self.tmp), *self.extra]
+        log = (self.tmp / f"redis-{self.port}.log").open("ab")
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(self._answers, 10, "redis-server to answer PING")
+
+    def _answers(self) -> bool:
+        out = subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True)
+        return out.stdout.strip() == "PONG"
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True).stdout
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip(NO_REDIS)
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def low_free_port() -> int:
+    """A free port below 55536 whose port + 10000 is free too (Redis Cluster's bus port)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 55000)
+        if port_free(port) and port_free(port + 10000):
+            return port
+    raise AssertionError("no free port pair for a Redis Cluster node")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.02)
+
+
+async def until(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Wait on the event loop until ``condition`` holds; returns the seconds it took."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+def config(url: str | None = None, **state: Any) -> cfg.Config:
+    data: dict[str, Any] = {"pools": [{"name": POOL, "models": [MODEL], "endpoints": {"static": ADDRESSES}}]}
+    if url is not None:
+        data["state"] = {"backend": "redis", "url": url, "timeout": 0.5, "warmup_timeout": 2.0, **state}
+    return cfg.parse_config(data)
+
+
+class Replica:
+    """What one picker replica holds: its table, scheduler and replicator (no gRPC: the state is the point)."""
+
+    def __init__(self, conf: cfg.Config, name: str) -> None:
+        self.table = EndpointTable([POOL])
+        self.table.replace_pool(POOL, ADDRESSES)
+        for e in self.table.pool_endpoints(POOL):
+            e.scrape_ok, e.scraped_at, e.cache_tokens = True, time.monotonic(), 16_000
+        self.scheduler = Scheduler.from_config(conf, rng=random.Random(1))
+        self.replicator = Replicator(conf, self.scheduler, self.table, name=name)
+
+    def pick(self, text: str) -> str:
+        request = RoutingRequest(POOL, MODEL, text, None, target_model=MODEL)
+        decision = self.scheduler.schedule(request, self.table.pool_endpoints(POOL), time.monotonic())
+        assert decision.routed
+        return decision.endpoints[0]
+
+    def prefix_scorer(self) -> Any:
+        return next(p for p in self.scheduler.plugins() if getattr(p, "share_kind", None) == "prefix")
+
+    def matches(self, text: str) -> dict[str, int]:
+        scorer = self.prefix_scorer()
+        return scorer.index.match(scorer.hashes(text, MODEL), ADDRESSES)
+
+
+# ----- the wire format and the plugin's records: no Redis ----------------------------------------------
+
+
+def test_batches_round_trip_and_anything_else_is_rejected() -> None:
+    picks = [("pool", "10.0.0.1:8000", [("prefix", b"\x00" * 12), ("other", b"")]), ("p2", "[::1]:80", [])]
+    data = encode_batch(picks)
+    assert decode_batch(data) == picks
+    for bad in (b"", b"\x02" + data[1:], data[:-1], data + b"x", b"\x01\xff\xff\xff\xff", b"garbage" * 3):
+        with pytest.raises(ValueError):
+            decode_batch(bad)
+
+
+def test_a_shared_pick_teaches_another_scheduler_the_same_prefix() -> None:
+    a, b = Replica(config(), "a"), Replica(config(), "b")
+    a.scheduler.share(100)
+    home = a.pick(DOCUMENT + "first question")
+    taken = a.scheduler.take_shared()
+    assert [(pool, address) for pool, address, _ in taken] == [(POOL, home)]
+    (kind, payload) = taken[0][2][0]
+    assert kind == "prefix"
+    b.scheduler.apply_shared(kind, home, payload)
+    assert b.matches(DOCUMENT)[home] == a.matches(DOCUMENT)[home] > 10
+    assert b.pick(DOCUMENT + "second question") == home  # b now routes the tenant where a sent it
+    with pytest.raises(ValueError):
+        b.scheduler.apply_shared("prefix", home, payload[:-3])
+    with pytest.raises(ValueError):
+        b.scheduler.apply_shared("nobody", home, payload)
+
+
+def test_the_outbox_is_bounded_and_counts_what_it_drops() -> None:
+    a = Replica(config(), "a")
+    a.scheduler.share(100)
+    for i in range(150):
+        a.pick(f"prompt {i} " * 20)
+    assert a.scheduler.shared_dropped == 50
+    assert len(a.scheduler.take_shared()) == 100
+    assert a.scheduler.take_shared() == []
+
+
+def test_without_sharing_nothing_is_kept() -> None:
+    a = Replica(config(), "a")
+    a.pick(DOCUMENT)
+    assert a.scheduler.take_shared() == []
+
+
+# ----- through a real redis-server ----------------------------------------------------------------------
+
+
+def test_picks_reach_the_other_replica_and_a_new_replica_warms_up_before_ready(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        conf = config(redis_server.url)
+        a, b = Replica(conf, "a"), Replica(conf, "b")
+        await a.replicator.start()
+        await b.replicator.start()
+        try:
+            homes = {t: a.pick(f"Tenant {t}. " + DOCUMENT + f"question of tenant {t}") for t in range(8)}
+            took = await until(lambda: b.replicator.stats.applied == 8, 5, "b to apply a's 8 picks")
+            for t, home in homes.items():
+                assert b.matches(f"Tenant {t}. " + DOCUMENT)[home] > 10
+            assert a.replicator.stats.published == 8 and a.replicator.stats.applied == 0  # its own are skipped
+            lag = {s.name: s.value for m in b.replicator.lag.collect() for s in m.samples}
+            assert lag["extproc_state_replication_lag_seconds_count"] >= 1
+            assert lag["extproc_state_replication_lag_seconds_sum"] < lag["extproc_state_replication_lag_seconds_count"]
+            # a replica that starts now reads the history before start() returns
+            c = Replica(conf, "c")
+            await c.replicator.start()
+            try:
+                assert c.replicator.stats.warmup_entries >= 1 and c.replicator.stats.applied == 8
+                for t, home in homes.items():
+                    assert c.matches(f"Tenant {t}. " + DOCUMENT)[home] > 10
+            finally:
+                await c.replicator.stop()
+            print(f"replicated in {took * 1000:.0f} ms")
+        finally:
+            await a.replicator.stop()
+            await b.replicator.stop()
+
+    asyncio.run(main())
+
+
+def test_foreign_and_corrupt_entries_are_skipped_and_counted(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        conf = config(redis_server.url)
+        key = conf.state.key
+        redis_server.cli("XADD", key, "*", "hello", "world")
+        redis_server.cli("XADD", key, "*", "r", "x", "t", "1", "b", "\x01garbage")
+        redis_server.cli("XADD", key, "*", "r", "x", "t", "not a time", "b", "")
+        a, b = Replica(conf, "a"), Replica(conf, "b")
+        await a.replicator.start()
+        await b.replicator.start()
+        try:
+            assert b.replicator.stats.rejected == 3
+            redis_server.cli("XADD", key, "*", "more", "junk")
+            home = a.pick(DOCUMENT)
+            await until(lambda: b.replicator.stats.applied == 1, 5, "b to apply a's pick after the junk")
+            assert b.replicator.stats.rejected == 4 and b.matches(DOCUMENT)[home] > 10
+        finally:
+            await a.replicator.stop()
+            await b.replicator.stop()
+
+    asyncio.run(main())
+
+
+def test_redis_down_at_start_stalled_and_restarted_empty(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        conf = config(redis_server.url)
+        redis_server.stop()
+        a, b = Replica(conf, "a"), Replica(conf, "b")
+        started = time.monotonic()
+        await a.replicator.start()  # Redis is down: ready after at most warmup_timeout, on local state
+        await b.replicator.start()
+        assert time.monotonic() - started < 2 * (conf.state.warmup_timeout + 1)
+        assert not a.replicator.stats.up
+        try:
+            first = a.pick("one " + DOCUMENT)  # decisions go on meanwhile
+            redis_server.start()  # back, empty: the queued pick goes out, b catches up
+            await until(lambda: b.replicator.stats.applied == 1, 10, "replication after Redis came back")
+            assert b.matches("one " + DOCUMENT)[first] > 10
+
+            assert redis_server.proc is not None
+            os.kill(redis_server.proc.pid, signal.SIGSTOP)  # a hung Redis
+            try:
+                second = a.pick("two " + DOCUMENT)
+                picked_while_stalled = time.monotonic()
+                await until(lambda: not a.replicator.stats.up or not b.replicator.stats.up, 10, "a stall noticed")
+            finally:
+                os.kill(redis_server.proc.pid, signal.SIGCONT)
+            resumed = await until(lambda: b.replicator.stats.applied == 2, 10, "replication after SIGCONT")
+            assert b.matches("two " + DOCUMENT)[second] > 10
+            print(
+                f"stalled pick applied {time.monotonic() - picked_while_stalled:.2f}s after; {resumed:.2f}s after CONT"
+            )
+
+            redis_server.stop()  # killed and restarted empty
+            redis_server.start()
+            third = a.pick("three " + DOCUMENT)
+            resumed = await until(lambda: b.replicator.stats.applied == 3, 10, "replication after a restart")
+            assert resumed < 2 + 2.0  # within 2 s of Redis answering (plus the publish interval and slack)
+            assert b.matches("three " + DOCUMENT)[third] > 10
+            assert a.replicator.stats.dropped == 0
+        finally:
+            await a.replicator.stop()
+            await b.replicator.stop()
+
+    asyncio.run(main())
+
+
+def test_a_redis_cluster_and_a_sentinel_watched_primary_work_the_same(tmp_path: Path) -> None:
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip(NO_REDIS)
+    servers: list[RedisServer] = []
+    try:
+        for _ in range(3):
+            port = low_free_port()  # a cluster node's bus listens on port + 10000
+            node = RedisServer(
+                tmp_path, "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf", port=port
+            )
+            servers.append(node)
+            node.start()
+        nodes = [f"127.0.0.1:{n.port}" for n in servers]
+        created = subprocess.run(
+            ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert created.returncode == 0, created.stdout + created.stderr
+        wait_for(lambda: "cluster_state:ok" in servers[0].cli("cluster", "info"), 30, "the cluster to form")
+
+        primary = RedisServer(tmp_path)
+        servers.append(primary)
+        primary.start()
+        sentinel_port = free_port()
+        conf_file = tmp_path / "sentinel.conf"
+        conf_file.write_text(
+            f"port {sentinel_port}\nbind 127.0.0.1\nsentinel monitor main 127.0.0.1 {primary.port} 1\n"
+        )
+        sentinel = subprocess.Popen(
+            ["redis-server", str(conf_file), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            ask = ["redis-cli", "-p", str(sentinel_port), "sentinel", "get-master-addr-by-name", "main"]
+            wait_for(
+                lambda: str(primary.port) in subprocess.run(ask, capture_output=True, text=True).stdout, 30, "sentinel"
+            )
+
+            for url in (f"redis+cluster://{nodes[1]}", f"redis+sentinel://127.0.0.1:{sentinel_port}/main/0"):
+
+                async def main(url: str = url) -> None:
+                    conf = config(url)
+                    a, b = Replica(conf, "a"), Replica(conf, "b")
+                    await a.replicator.start()
+                    await b.replicator.start()
+                    try:
+                        home = a.pick(DOCUMENT)
+                        await until(lambda: b.replicator.stats.applied == 1, 10, f"replication through {url}")
+                        assert b.matches(DOCUMENT)[home] > 10
+                    finally:
+                        await a.replicator.stop()
+                        await b.replicator.stop()
+
+                asyncio.run(main())
+        finally:
+            sentinel.kill()
+            sentinel.wait(10)
+    finally:
+        for server in servers:
+            server.stop()
