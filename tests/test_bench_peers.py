@@ -186,3 +186,40 @@ def test_policy_variants_take_a_scheduler_section_or_top_level_sections() -> Non
     )
     with pytest.raises(SystemExit, match="expected NAME="):
         policy_variants(["nothing"])
+
+
+def test_replica_checks_compare_two_pickers_on_redis_with_one() -> None:
+    base = {"workload": "tenants", "rate": 18.0, "router_log": {"render_lines": 0}}
+    cells = [
+        {**base, "router": "extproc", "ttft_mean_ms": 40.0, "ttft_p99_ms": 90.0, "hit_rate": 0.90},
+        {**base, "router": "extproc-x2", "ttft_mean_ms": 60.0, "ttft_p99_ms": 150.0, "hit_rate": 0.80},
+        {**base, "router": "extproc-x2-redis", "ttft_mean_ms": 42.0, "ttft_p99_ms": 95.0, "hit_rate": 0.88},
+    ]
+    rows = {r["check"]: r for r in done_when(cells)}
+    assert set(rows) == {"2 pickers on Redis: hit rate / one picker's", "2 pickers on Redis: TTFT mean / one picker's"}
+    hit = rows["2 pickers on Redis: hit rate / one picker's"]
+    assert hit["value"] == pytest.approx(0.88 / 0.90) and hit["passed"] is True
+    cells[2]["ttft_mean_ms"] = 45.0  # 1.125x one picker's
+    assert {r["check"]: r for r in done_when(cells)}["2 pickers on Redis: TTFT mean / one picker's"]["passed"] is False
+
+
+def test_bench_replicas_quick_run_answers_through_two_pickers_sharing_redis(tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed (Debian: apt-get install redis-server)")
+    tag = uuid.uuid4().hex
+    options = ["--quick", "--workloads", "multitenant", "--rates", "20", "--duration", "3", "--min-requests", "40"]
+    options += ["--out", str(tmp_path / "out"), "--log-dir", str(tmp_path / "logs")]
+    env = {**os.environ, TAG_VARIABLE: tag}
+    result = run_tagged([sys.executable, "-m", "extproc", "bench", "replicas", *options], env, tag, timeout=180)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert "[cell 3/3]" in result.stdout and "2 pickers on Redis: hit rate / one picker's" in result.stdout
+    time.sleep(0.5)
+    assert tagged(tag) == [], "the benchmark left processes running"
+    data = json.loads((tmp_path / "out" / "replicas.json").read_text())
+    cells = {c["router"]: c for c in data["cells"]}
+    assert set(cells) == {"extproc", "extproc-x2", "extproc-x2-redis"} and data["failed_cells"] == []
+    for cell in cells.values():
+        assert cell["failed"] == 0 and cell["ok"] == cell["measured"]
+    assert set(cells["extproc-x2-redis"]["cpu_parts_ms_per_request"]) == {"envoy", "picker", "picker-2", "redis"}

@@ -187,21 +187,29 @@ def _is_hostname(value: str) -> bool:
 
 
 def ext_proc_cluster(ext_proc: str) -> cluster.Cluster:
-    """HTTP/2 to the ext_proc: a STATIC cluster for an IP or unix socket; for a name (a compose service, a Kubernetes
-    Service) DNS, one logical host re-resolved every few seconds, so the ext_proc can move without an Envoy restart."""
+    """HTTP/2 to the ext_proc: a STATIC cluster for IPs or unix sockets; for a name (a compose service, a Kubernetes
+    Service) DNS, one logical host re-resolved every few seconds, so the ext_proc can move without an Envoy restart.
+
+    ``ext_proc`` may list several replicas, comma-separated (``10.0.0.5:9002,10.0.0.6:9002``, or compose service
+    names): each is a host of the cluster, and Envoy spreads the ext_proc streams (one per request) over them
+    round robin. Replicas that should decide alike share their state (``state.backend: redis``)."""
+    targets = [t.strip() for t in ext_proc.split(",") if t.strip()]
+    if not targets:
+        raise ValueError("ext_proc: no address given")
     common: dict[str, Any] = {
         "name": EXT_PROC_CLUSTER,
         "connect_timeout": seconds(0.25),
         "typed_extension_protocol_options": _protocol_options(http2=True),
-        "load_assignment": _load_assignment(EXT_PROC_CLUSTER, [address(ext_proc)]),
+        "load_assignment": _load_assignment(EXT_PROC_CLUSTER, [address(t) for t in targets]),
     }
-    if not _is_hostname(ext_proc):
+    if not any(_is_hostname(t) for t in targets):
         return cluster.Cluster(type=cluster.ClusterDiscoveryType.STATIC, **common)
     discovery = dns_cluster.DnsCluster(
         dns_refresh_rate=seconds(5),
         respect_dns_ttl=False,
         dns_lookup_family=dns_common.DnsLookupFamily.V4_PREFERRED,
-        all_addresses_in_single_endpoint=True,  # logical DNS: one connection target, whichever address answers
+        # one name: logical DNS, one connection target whichever address answers; several: one host per name
+        all_addresses_in_single_endpoint=len(targets) == 1,
     )
     return cluster.Cluster(
         cluster_type=cluster.ClusterCustomClusterType(name="envoy.clusters.dns", typed_config=AnyProto.pack(discovery)),

@@ -20,7 +20,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="127.0.0.1:8080", help="host:port of the gateway listener")
     p.add_argument("--admin", default="127.0.0.1:9901", help="host:port of Envoy's admin interface")
     p.add_argument(
-        "--ext-proc", default=None, help="ext_proc address, host:port or unix:/path (default: server.listen)"
+        "--ext-proc",
+        default=None,
+        help="ext_proc address, host:port or unix:/path, or several replicas comma-separated (default: server.listen)",
     )
     p.add_argument("--message-timeout-ms", type=int, default=200, help="ext_proc per-message timeout")
     p.add_argument(

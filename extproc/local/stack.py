@@ -61,6 +61,19 @@ class Stack:
     extproc: Child | None = None
     envoy: Child | None = None
     extras: list[Child] = field(default_factory=list)
+    # pickers beyond the first (``start_stack(pickers=N)``): their config files (own ports) and processes
+    more_configs: list[tuple[Config, Path]] = field(default_factory=list)
+    more_pickers: list[Child] = field(default_factory=list)
+
+    @property
+    def pickers(self) -> list[Child]:
+        return ([self.extproc] if self.extproc is not None else []) + self.more_pickers
+
+    @property
+    def ext_proc_targets(self) -> str:
+        """Every picker's gRPC address, comma-separated, as Envoy's ext_proc cluster lists them."""
+        listens = [self.config.server.listen] + [c.server.listen for c, _ in self.more_configs]
+        return ",".join(local_address(x) if not x.startswith("unix:") else x for x in listens)
 
     @property
     def gateway(self) -> str:
@@ -78,6 +91,7 @@ class Stack:
         return None
 
     def start_extproc(self) -> Child:
+        """Start the picker (and any more pickers of ``start_stack(pickers=N)``); returns the first."""
         child = Child("extproc", extproc_argv("serve", "--config", str(self.config_path)), self.log_dir)
         try:
             child.wait_http(self.metrics_url)
@@ -85,11 +99,15 @@ class Stack:
             child.stop()
             raise
         self.extproc = child
+        for i, (config, path) in enumerate(self.more_configs, start=2):
+            more = Child(f"extproc-{i}", extproc_argv("serve", "--config", str(path)), self.log_dir)
+            self.more_pickers.append(more)
+            more.wait_http(f"http://{local_address(config.server.metrics_listen)}/metrics")
         return child
 
     def stop(self) -> None:
         """Stop everything this stack started, by PID, Envoy first so no request meets a dead upstream."""
-        children = [self.envoy, self.extproc, *self.extras]
+        children = [self.envoy, self.extproc, *self.more_pickers, *self.extras]
         children += [r.child for replicas in self.sims.values() for r in replicas]
         for child in children:
             if child is not None:
@@ -107,11 +125,14 @@ def start_stack(
     extproc_port: int | None = None,
     metrics_port: int | None = None,
     bootstrap_options: dict[str, Any] | None = None,
+    pickers: int = 1,
 ) -> Stack:
     """Start simulators for ``pools``, then the ext_proc (unless ``with_extproc`` is False), then Envoy.
 
-    ``settings`` are extra top-level config sections (scheduler, scrape, limits, prefix) merged over
-    the defaults. If anything fails to start, whatever did start is stopped before the error propagates.
+    ``settings`` are extra top-level config sections (scheduler, scrape, limits, state) merged over
+    the defaults. With ``pickers`` above 1, that many `extproc serve` replicas run the same configuration
+    on their own ports, and Envoy's ext_proc cluster holds them all. If anything fails to start, whatever did
+    start is stopped before the error propagates.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     started: list[Child] = []
@@ -156,6 +177,16 @@ def start_stack(
             admin_port=admin_port or free_port(),
             sims=sims,
         )
+        for i in range(2, pickers + 1):
+            server = {
+                **data["server"],
+                "listen": f"127.0.0.1:{free_port()}",
+                "metrics_listen": f"127.0.0.1:{free_port()}",
+            }
+            more = {**data, "server": server}
+            path = log_dir / f"config-{i}.yaml"
+            path.write_text(yaml.safe_dump(more, sort_keys=False))
+            stack.more_configs.append((parse_config(more), path))
     except BaseException:
         for child in started:
             child.stop()
@@ -181,11 +212,14 @@ def start_picker_and_envoy(
     try:
         if with_extproc:
             stack.start_extproc()
+        options = dict(bootstrap_options or {})
+        if stack.more_configs:
+            options.setdefault("ext_proc", stack.ext_proc_targets)
         bootstrap = build_bootstrap(
             stack.config,
             listen=f"127.0.0.1:{stack.gateway_port}",
             admin=f"127.0.0.1:{stack.admin_port}",
-            **(bootstrap_options or {}),
+            **options,
         )
         stack.envoy = start_envoy(bootstrap, stack.log_dir, stack.admin_port)
         return stack

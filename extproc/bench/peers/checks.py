@@ -1,4 +1,5 @@
-"""The issue's "Done when" checks, as numbers: ours against the peers, per (workload, rate).
+"""The issues' "Done when" checks, as numbers: ours against the peers (issue 12), two pickers against one
+(issue 13), per (workload, rate).
 
 Rows have the routing benchmark's shape (workload, rate, check, op, bound, value, passed) plus both sides'
 figures (``ours``, ``theirs``), so a verdict is never printed without the numbers behind it. A check whose
@@ -40,6 +41,7 @@ def done_when(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         value = cell.get(key) if cell else None
         return math.nan if value is None else float(value)
 
+    peers_run = any(c["router"] in (*PEERS, "extproc-rr") for c in cells)
     for w, r in sorted({(c["workload"], c["rate"]) for c in cells}):
 
         def add(check: str, op: str, bound: float, a: str, b: str, key: str, how: str) -> None:
@@ -47,19 +49,25 @@ def done_when(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             if not (math.isnan(ours) and math.isnan(theirs)):  # neither router run: nothing to say
                 rows.append(_row(w, r, check, op, bound, ours, theirs, how))  # noqa: B023
 
-        if w in SHARED_PREFIX:
+        if w in SHARED_PREFIX and peers_run:
             sg = "sglang-cache_aware"
             add("extproc TTFT mean / sglang cache_aware's", "<=", 1.0, "extproc", sg, "ttft_mean_ms", "ratio")
             add("extproc TTFT p99 / sglang cache_aware's", "<=", 1.0, "extproc", sg, "ttft_p99_ms", "ratio")
             add("extproc hit rate - sglang cache_aware's", ">=", -0.01, "extproc", sg, "hit_rate", "diff")
             add("vllm cache_aware hit rate - round_robin's", ">=", 0.3, "vllm-cache_aware", "vllm-round_robin",
                 "hit_rate", "diff")  # fmt: skip
-        if w in NO_SHARING:
+        if w in NO_SHARING and peers_run:
             run = [p for p in PEERS if not math.isnan(get(w, r, p, "ttft_mean_ms"))]
             best = min(run, key=lambda p: get(w, r, p, "ttft_mean_ms"), default=PEERS[0])
             add(f"extproc TTFT mean / best peer's ({best})", "<=", 1.05, "extproc", best, "ttft_mean_ms", "ratio")
-        add("extproc-rr TTFT mean - sglang round_robin's (ms)", "<=", 2.0, "extproc-rr", "sglang-round_robin",
+        if peers_run:
+            add("extproc-rr TTFT mean - sglang round_robin's (ms)", "<=", 2.0, "extproc-rr", "sglang-round_robin",
             "ttft_mean_ms", "diff")  # fmt: skip
+        if w in SHARED_PREFIX and (w, r, "extproc-x2-redis") in by:  # issue 13: two pickers on Redis vs one
+            add("2 pickers on Redis: hit rate / one picker's", ">=", 0.97, "extproc-x2-redis", "extproc", "hit_rate",
+                "ratio")  # fmt: skip
+            add("2 pickers on Redis: TTFT mean / one picker's", "<=", 1.1, "extproc-x2-redis", "extproc",
+                "ttft_mean_ms", "ratio")  # fmt: skip
         if (w, r, "vllm-cache_aware") in by:
             lines = float(by[(w, r, "vllm-cache_aware")]["router_log"]["render_lines"])
             rows.append(_row(w, r, "vllm cache_aware render/tokenize log lines", "<=", 0, lines, 0.0, "diff"))

@@ -16,10 +16,9 @@ from extproc.cli import DefaultsHelp
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from extproc.bench.peers.plan import DEFAULT_RATES, PEER_WORKLOADS
-    from extproc.bench.peers.routers import PROGRAMS, QUICK_ROUTERS, ROUTERS
-    from extproc.bench.routing.plan import add_plan_options
-    from extproc.sim.config import PRESETS
+    """`bench peers` and `bench replicas`: the same machinery, other default routers and workloads."""
+    from extproc.bench.peers.plan import PEER_WORKLOADS, REPLICA_WORKLOADS
+    from extproc.bench.peers.routers import PEER_ROUTERS, QUICK_ROUTERS, REPLICA_ROUTERS, ROUTERS
 
     p = sub.add_parser(
         "peers",
@@ -28,10 +27,31 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument(
         "--routers",
-        help=f"comma list of {', '.join(ROUTERS)} (default: all; --quick: {', '.join(QUICK_ROUTERS)}); "
-        "a peer that is not installed is skipped, saying so",
+        help=f"comma list of {', '.join(ROUTERS)} (default: {', '.join(PEER_ROUTERS)}; --quick: "
+        f"{', '.join(QUICK_ROUTERS)}); a peer that is not installed is skipped, saying so",
     )
     p.add_argument("--workloads", help=f"comma list (default: all of {', '.join(PEER_WORKLOADS)})")
+    _options(p)
+    r = sub.add_parser(
+        "replicas",
+        help="one picker against two behind the same Envoy, without and with shared state (Redis), on fresh simulators",
+        formatter_class=DefaultsHelp,
+    )
+    r.add_argument(
+        "--routers",
+        help=f"comma list of {', '.join(ROUTERS)} (default: {', '.join(REPLICA_ROUTERS)}); extproc-x2-redis "
+        "starts its own redis-server (Debian: apt-get install redis-server)",
+    )
+    r.add_argument("--workloads", help=f"comma list (default: {', '.join(REPLICA_WORKLOADS)})")
+    _options(r)
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    from extproc.bench.peers.plan import DEFAULT_RATES
+    from extproc.bench.peers.routers import PROGRAMS
+    from extproc.bench.routing.plan import add_plan_options
+    from extproc.sim.config import PRESETS
+
     defaults = "; ".join(f"{w} {','.join(f'{r:g}' for r in rs)}" for w, rs in DEFAULT_RATES.items())
     add_plan_options(p, f"offered req/s (defaults: {defaults})")
     p.add_argument("--replicas", type=int, default=4, help="simulated replicas behind every router")
@@ -138,8 +158,11 @@ def _run(args: argparse.Namespace) -> int:
     for name, reason in skipped.items():
         print(f"skipping {name}: {reason}", flush=True)
     settings = _settings(args, programs)
+    bench = getattr(args, "bench", "peers")
+    if args.workloads is None and bench == "replicas":
+        args.workloads = ",".join(plan.REPLICA_WORKLOADS)
     workloads = select(args.workloads, plan.PEER_WORKLOADS, "workload")
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="extproc-bench-peers-"))
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix=f"extproc-bench-{bench}-"))
     if args.calibrate:
         return calibrate(args, settings, workloads, log_dir)
     if not specs:
@@ -148,15 +171,16 @@ def _run(args: argparse.Namespace) -> int:
     cells = [(w, r, spec) for w in workloads for r in rates[w] for spec in specs]
     expected = [settings.seconds(r) for _, r, _ in cells]
     print(
-        f"peers benchmark: {len(cells)} cells ({len(workloads)} workloads x their rates x {len(specs)} routers) of "
+        f"{bench} benchmark: {len(cells)} cells ({len(workloads)} workloads x their rates x {len(specs)} routers) of "
         f"{settings.duration:g} s and at least {settings.min_requests} requests, each on {args.replicas} new "
         f"replicas ({args.preset}, {args.num_gpu_blocks} KV blocks, time scale {args.time_scale:g}); logs in {log_dir}",
         flush=True,
     )
     setup = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
-    options = sys.argv[sys.argv.index("peers") + 1 :] if "peers" in sys.argv else sys.argv[1:]
+    options = sys.argv[sys.argv.index(bench) + 1 :] if bench in sys.argv else sys.argv[1:]
     setup.update(
-        command=" ".join(["extproc bench peers", *options]),
+        bench=bench,
+        command=" ".join([f"extproc bench {bench}", *options]),
         duration=settings.duration,
         min_requests=settings.min_requests,
         rates=rates,

@@ -10,11 +10,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from extproc.bench.peers.routers import INSTALL_HINT, PROGRAMS, QUICK_ROUTERS, ROUTERS, RouterSpec, find_program
+from extproc.bench.peers.routers import (
+    INSTALL_HINT,
+    PEER_ROUTERS,
+    PROGRAMS,
+    QUICK_ROUTERS,
+    REPLICA_ROUTERS,
+    ROUTERS,
+    RouterSpec,
+    find_program,
+)
 from extproc.bench.routing.plan import plan_rates, select
 from extproc.bench.workloads import WORKLOADS
 
 PEER_WORKLOADS: Sequence[str] = (*WORKLOADS, "multitenant")
+REPLICA_WORKLOADS: Sequence[str] = ("tenants", "multiturn", "hot", "multitenant")  # shared prefixes: `bench replicas`
 
 # Offered req/s per workload: about 30, 60 and 90 % of what round robin (sglang-router's) sustains there with
 # the defaults (4 replicas of llama-3.2-1b, 1,000 KV blocks each, time scale 1, 16 output tokens, streaming),
@@ -31,7 +41,10 @@ DEFAULT_RATES: dict[str, tuple[float, ...]] = {
 
 def routers(args: argparse.Namespace) -> tuple[list[RouterSpec], dict[str, str], dict[str, str]]:
     """The routers to run, each peer's command, and the skipped ones with the reason."""
-    names = list(QUICK_ROUTERS if args.quick else ROUTERS)
+    if getattr(args, "bench", "peers") == "replicas":
+        names = list(REPLICA_ROUTERS)
+    else:
+        names = list(QUICK_ROUTERS if args.quick else PEER_ROUTERS)
     if args.routers:
         names = select(args.routers, list(ROUTERS), "router")
     programs = {kind: path for kind in PROGRAMS if (path := find_program(kind, getattr(args, f"{kind}_router")))}

@@ -86,7 +86,8 @@ def markdown(result: dict[str, Any]) -> str:
         "wall time": f"{result['wall_seconds']:.0f} s",
     }
     settings.update({f"skipped `{name}`": reason for name, reason in result["skipped"].items()})
-    lines = ["# Peer routers benchmark results", "", *(f"- {k}: {v}" for k, v in settings.items())]
+    title = "Replicas" if result["setup"].get("bench") == "replicas" else "Peer routers"
+    lines = [f"# {title} benchmark results", "", *(f"- {k}: {v}" for k, v in settings.items())]
     for (workload, rate), group in groups(result["cells"]).items():
         lines += ["", f"### {workload} @ {rate:g} req/s", "", *table(group, markdown=True)]
     lines += ["", "## Done-when checks", "", "| workload | rate | check | value | bound | ours vs theirs | verdict |"]
@@ -101,7 +102,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure(plt: Any, workload: str, cells: Sequence[dict[str, Any]]) -> Any:
+def _figure(plt: Any, workload: str, cells: Sequence[dict[str, Any]], stem: str) -> Any:
     """One workload's chart: a panel per figure of ``PANELS``, a line per router, the offered rate across."""
     by = {(c["router"], c["rate"]): c for c in cells}
     rates = sorted({rate for _, rate in by})
@@ -113,20 +114,22 @@ def _figure(plt: Any, workload: str, cells: Sequence[dict[str, Any]]) -> Any:
         ax.set(title=title, xlabel="offered rate (req/s)", yscale="log" if log else "linear")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"peer routers: {workload}")
+    fig.suptitle(f"{'peer routers' if stem == 'peers' else stem}: {workload}")
     fig.tight_layout()
     return fig
 
 
-def plot(cells: Sequence[dict[str, Any]], out: Path) -> list[Path]:
-    """``peers-WORKLOAD.png`` for each workload run."""
+def plot(cells: Sequence[dict[str, Any]], out: Path, stem: str = "peers") -> list[Path]:
+    """``STEM-WORKLOAD.png`` for each workload run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     workloads = dict.fromkeys(c["workload"] for c in cells)
-    figures = {out / f"peers-{w}.png": _figure(plt, w, [c for c in cells if c["workload"] == w]) for w in workloads}
+    figures = {
+        out / f"{stem}-{w}.png": _figure(plt, w, [c for c in cells if c["workload"] == w], stem) for w in workloads
+    }
     for path, fig in figures.items():
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -141,9 +144,11 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
 
 
 def save(result: dict[str, Any], json_path: Path | None, out: Path | None) -> list[Path]:
-    """The run's files: ``json_path``; under ``out`` peers.json, peers.md and the charts. The paths written."""
-    written = [write_json(path, result) for path in (json_path, out and out / "peers.json") if path]
+    """The run's files: ``json_path``; under ``out`` STEM.json, STEM.md and the charts (STEM: peers or
+    replicas, the benchmark's name). The paths written."""
+    stem = result["setup"].get("bench", "peers")
+    written = [write_json(path, result) for path in (json_path, out and out / f"{stem}.json") if path]
     if out:
-        (out / "peers.md").write_text(markdown(result))
-        written += [out / "peers.md", *plot(result["cells"], out)]
+        (out / f"{stem}.md").write_text(markdown(result))
+        written += [out / f"{stem}.md", *plot(result["cells"], out, stem)]
     return written

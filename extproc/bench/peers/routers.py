@@ -42,6 +42,8 @@ class RouterSpec:
     policy: str  # the peer's --policy; for the gateway, a label
     scheduler: dict[str, Any] | None = None  # the gateway's scheduler section (None: the configuration's default)
     settings: dict[str, Any] | None = None  # other top-level sections for this gateway alone (e.g. scrape)
+    pickers: int = 1  # `extproc serve` replicas behind the one Envoy (its ext_proc cluster holds them all)
+    shared: bool = False  # the pickers share their picks through a redis-server of their own
 
 
 ROUTERS: dict[str, RouterSpec] = {
@@ -54,9 +56,13 @@ ROUTERS: dict[str, RouterSpec] = {
         RouterSpec("sglang-power_of_two", "sglang", "power_of_two"),
         RouterSpec("vllm-cache_aware", "vllm", "cache_aware"),
         RouterSpec("vllm-round_robin", "vllm", "round_robin"),
+        RouterSpec("extproc-x2", "extproc", "default, 2 pickers", pickers=2),
+        RouterSpec("extproc-x2-redis", "extproc", "default, 2 pickers on Redis", pickers=2, shared=True),
     )
 }
+PEER_ROUTERS = tuple(name for name in ROUTERS if not name.startswith("extproc-x"))  # `bench peers`' default
 QUICK_ROUTERS = ("extproc", "extproc-rr", "sglang-cache_aware", "sglang-round_robin")
+REPLICA_ROUTERS = ("extproc", "extproc-x2", "extproc-x2-redis")  # `bench replicas`
 
 
 def find_program(kind: str, override: str | None = None) -> str | None:
@@ -139,10 +145,27 @@ def _start_gateway(spec: RouterSpec, setup: SimSetup, log_dir: Path, settings: d
     settings = {**settings, **(spec.settings or {})}
     if spec.scheduler is not None:
         settings = {**settings, "scheduler": spec.scheduler}
-    stack = start_stack(log_dir, [PoolSpec("bench", MODEL, setup.replicas, setup.args())], settings=settings)
+    redis = None
+    if spec.shared:
+        from extproc.local.redis import start_redis
+
+        redis, url = start_redis(log_dir)
+        settings = {**settings, "state": {**settings.get("state", {}), "backend": "redis", "url": url}}
+    try:
+        pools = [PoolSpec("bench", MODEL, setup.replicas, setup.args())]
+        stack = start_stack(log_dir, pools, settings=settings, pickers=spec.pickers)
+    except BaseException:
+        if redis is not None:
+            redis.stop()
+        raise
+    if redis is not None:
+        stack.extras.append(redis)
     assert stack.envoy is not None and stack.extproc is not None
     replicas = stack.sims["bench"]
     parts = {"envoy": stack.envoy, "picker": stack.extproc}
+    parts.update({f"picker-{i}": child for i, child in enumerate(stack.more_pickers, start=2)})
+    if redis is not None:
+        parts["redis"] = redis
     running = Running(spec, stack.gateway, [r.child for r in replicas], [r.base for r in replicas], parts, stack)
 
     def picked() -> bool:  # the picker answers through Envoy once it has scraped the pool
@@ -150,7 +173,7 @@ def _start_gateway(spec: RouterSpec, setup: SimSetup, log_dir: Path, settings: d
         return status == 200 and headers.get(PICKED_HEADER, "-") not in ("", "-")
 
     try:
-        _wait(spec.name, picked, [stack.envoy, stack.extproc])
+        _wait(spec.name, picked, [stack.envoy, *stack.pickers])
     except BaseException:
         running.stop()
         raise
