@@ -38,8 +38,9 @@ HEALTH_SERVICES = ("liveness", "readiness", SERVICE_NAME, "")
 class App:
     """Everything `extproc serve` runs, with an orderly start and stop."""
 
-    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None, *, reuse_port: bool = False) -> None:
         self.config = config
+        self.reuse_port = reuse_port  # a worker of `serve --workers N`: the gRPC port is shared (SO_REUSEPORT)
         self.config_path = config_path
         self._config_mtime = config_path.stat().st_mtime_ns if config_path else 0
         self._reload_task: asyncio.Task[None] | None = None
@@ -71,7 +72,7 @@ class App:
         max_message = self.config.limits.grpc_message_bytes
         server = grpc.aio.server(
             options=[
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),  # off: a port in use is an error
                 ("grpc.max_receive_message_length", max_message),
                 ("grpc.max_send_message_length", max_message),
             ]
@@ -137,8 +138,8 @@ class App:
         await self.discovery.stop()
 
 
-async def serve(config: Config, config_path: Path | None = None) -> None:
-    app = App(config, config_path)
+async def serve(config: Config, config_path: Path | None = None, reuse_port: bool = False) -> None:
+    app = App(config, config_path, reuse_port=reuse_port)
     await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -159,7 +160,7 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
         await app.stop()
 
 
-def run(config: Config, config_path: Path | None = None) -> int:
+def run(config: Config, config_path: Path | None = None, reuse_port: bool = False) -> int:
     from prometheus_client import disable_created_metrics
 
     disable_created_metrics()
@@ -171,7 +172,7 @@ def run(config: Config, config_path: Path | None = None) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         runner = asyncio.run
     try:
-        runner(serve(config, config_path))
+        runner(serve(config, config_path, reuse_port))
     except OSError as exc:
         print(f"extproc serve: error: {exc}", flush=True)
         return 2

@@ -27,6 +27,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="store_true",
         help="validate the configuration, print it as it would run (every default and plugin param filled in), exit",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="picker processes on the same gRPC port (SO_REUSEPORT), worker i's metrics on the metrics port + i; "
+        "they share what they learn only with state.backend: redis (default: 1)",
+    )
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # set by --workers
     p.set_defaults(func=run)
 
 
@@ -56,6 +64,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.config}: valid ({len(config.pools)} pools); the configuration as it would run:")
         print(yaml.safe_dump(effective, sort_keys=False, width=120), end="")
         return 0
+    from extproc.gateway.workers import check_workers, metrics_listen, supervise
+
+    problem = check_workers(config, args.workers)
+    if problem:
+        print(f"extproc serve: {problem}", file=sys.stderr)
+        return 2
+    if args.workers > 1 and args.worker_index is None:
+        return supervise(config, Path(args.config), args.workers)
     from extproc.gateway.app import run as serve
 
-    return serve(config, Path(args.config))
+    if args.worker_index is None:
+        return serve(config, Path(args.config))
+    server = config.server.model_copy(update={"metrics_listen": metrics_listen(config, args.worker_index)})
+    return serve(config.model_copy(update={"server": server}), Path(args.config), reuse_port=True)

@@ -1,0 +1,93 @@
+"""`extproc serve --workers N`: N processes on one gRPC port, connections spread over them, each its metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import yaml
+
+from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from extproc.local.procs import Child, extproc_argv, free_port
+from tests.helpers import metrics
+from tests.test_server_grpc import body, chat, headers
+
+
+def handled(base: str) -> float:
+    return sum(v for k, v in metrics(base).items() if k.startswith("extproc_requests_total"))
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def test_two_workers_share_the_port_and_each_serves_its_own_metrics(tmp_path: Path) -> None:
+    port = free_port()
+    metrics_port = free_port()
+    while metrics_port + 1 == port or not _free(metrics_port + 1):
+        metrics_port = free_port()
+    config = {
+        "server": {"listen": f"127.0.0.1:{port}", "metrics_listen": f"127.0.0.1:{metrics_port}", "grace_period": 1},
+        "pools": [{"name": "a", "models": ["model-a"], "endpoints": {"static": ["127.0.0.1:1", "127.0.0.1:2"]}}],
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    parent = Child("workers", extproc_argv("serve", "--config", str(path), "--workers", "2"), tmp_path)
+    bases = [f"http://127.0.0.1:{metrics_port}", f"http://127.0.0.1:{metrics_port + 1}"]
+    try:
+        parent.wait_http(bases[0] + "/metrics")
+        parent.wait_http(bases[1] + "/metrics")
+        # Each new channel is a new connection, which the kernel hands to one of the two listeners.
+        for _ in range(40):
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = ep_grpc.ExternalProcessorStub(channel)
+                answers = list(stub.Process(iter([headers(), body(chat())])))
+                assert len(answers) == 2
+        counts = [handled(b) for b in bases]
+        print(counts)
+        assert sum(counts) == 40 and min(counts) >= 5, counts  # both workers served connections
+        assert "without state.backend: redis" in parent.log_tail(50)  # said at start
+
+        workers = children_of(parent.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)  # a worker that dies is started again
+        deadline = time.monotonic() + 20
+        while not (len(children_of(parent.pid)) == 2 and workers[0] not in children_of(parent.pid)):
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+            time.sleep(0.05)
+        parent.wait_http(bases[0] + "/metrics")
+    finally:
+        parent.stop()
+    assert parent.proc.returncode == 0
+    assert all(not Path(f"/proc/{pid}").exists() for pid in workers[1:]), "a worker outlived the parent"
+
+
+def _free(port: int) -> bool:
+    from extproc.local.procs import port_free
+
+    return port_free(port)
+
+
+def test_workers_need_a_tcp_port(tmp_path: Path) -> None:
+    config = {
+        "server": {"listen": "unix:/tmp/x.sock"},
+        "pools": [{"name": "a", "models": ["m"], "endpoints": {"static": ["127.0.0.1:1"]}}],
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    child = Child("workers", extproc_argv("serve", "--config", str(path), "--workers", "2"), tmp_path)
+    assert child.proc.wait(30) == 2
+    child.stop()
+    assert "SO_REUSEPORT does not apply to unix sockets" in child.log_path.read_text()
