@@ -734,6 +734,34 @@ scheduler last scraped from each endpoint (`ip:port`), with their age; the prefi
                 max_=1,
                 w=8,
             ),
+            timeseries(
+                "Shared state: Redis and replication lag (pickers with state.backend: redis)",
+                "Whether each picker replica reaches Redis (1 = its last command succeeded), and the p50/p99 time "
+                "from another replica publishing a pick to this one applying it. From extproc_state_redis_up and "
+                "extproc_state_replication_lag_seconds. Empty with state.backend: local.",
+                [
+                    Query("max by (instance) (extproc_state_redis_up)", "{{instance}} Redis up"),
+                    Query(_quantile(0.5, "extproc_state_replication_lag_seconds", "instance"), "{{instance}} lag p50"),
+                    Query(_quantile(0.99, "extproc_state_replication_lag_seconds", "instance"), "{{instance}} lag p99"),
+                ],
+                unit="s",
+                overrides=[_override_ref("A", unit="short", custom__axisPlacement="right")],
+                w=12,
+            ),
+            timeseries(
+                "Shared state: picks published, applied, dropped and rejected per second",
+                "Per picker replica: its picks written to Redis, the other replicas' picks applied, picks lost while "
+                "Redis was away (the outbox was full), and stream entries skipped as corrupt or foreign. From "
+                "extproc_state_*_total.",
+                [
+                    Query(_sum_rate("extproc_state_published_picks_total", "instance"), "{{instance}} published"),
+                    Query(_sum_rate("extproc_state_applied_picks_total", "instance"), "{{instance}} applied"),
+                    Query(_sum_rate("extproc_state_dropped_picks_total", "instance"), "{{instance}} dropped"),
+                    Query(_sum_rate("extproc_state_rejected_records_total", "instance"), "{{instance}} rejected"),
+                ],
+                unit="reqps",
+                w=12,
+            ),
         ],
         ["resources"],
     )
