@@ -7,7 +7,7 @@ No Docker engine runs here or in CI, so nothing is built or started as a contain
 * every cross-reference: mounted repository paths exist, depends_on targets exist (and have a healthcheck when
   waited on as healthy), published ports bind 127.0.0.1 only, the project image's services build from the
   Containerfile, the picker's DNS pools are the simulator services on their --port, server.eds_dir is one volume
-  in `config`, `extproc` and `envoy`, Envoy reaches the ext_proc by the extproc service's name;
+  in `config`, `extproc`, `extproc-2` and `envoy`, Envoy reaches the two picker replicas by service name;
 * the `config` service's command, run for real with its container paths mapped to a temporary directory, and the
   bootstrap it writes validated by the real Envoy (`envoy --mode validate`);
 * the healthcheck commands, run for real here against a real picker, simulator and Envoy on 127.0.0.1;
@@ -50,7 +50,7 @@ SCHEMAS = ROOT.parent / "shared" / "schemas"
 COMPOSE_SCHEMA = SCHEMAS / "compose-spec.json"
 
 PROJECT_BUILD = {"context": ".", "dockerfile": "Containerfile"}
-PROJECT_SERVICES = {"config", "extproc", "vllm-1b", "vllm-3b"}
+PROJECT_SERVICES = {"config", "extproc", "extproc-2", "vllm-1b", "vllm-3b"}
 # host port -> (service, container port): the ports docs/compose.md promises.
 PUBLISHED = {8080: ("envoy", 8080), 9901: ("envoy", 9901), 9091: ("prometheus", 9090), 3000: ("grafana", 3000)}
 
@@ -206,7 +206,7 @@ def test_top_level_layout(compose: dict[str, Any], services: dict[str, dict[str,
     # Compose interpolates $VAR before anything else reads the file; these checks read it uninterpolated, so
     # there must be nothing to interpolate (a literal dollar is written $$).
     assert "$" not in COMPOSE_FILE.read_text().replace("$$", ""), "an unescaped $ in docker-compose.yaml"
-    expected = {"config", "envoy", "extproc", "vllm-1b", "vllm-3b", "redis", "prometheus", "grafana"}
+    expected = {"config", "envoy", "extproc", "extproc-2", "vllm-1b", "vllm-3b", "redis", "prometheus", "grafana"}
     assert set(services) == expected
     # One network for everything: no service leaves the default network or uses another namespace.
     assert set(compose.get("networks", {})) <= {"default"}
@@ -329,7 +329,7 @@ def test_sim_healthcheck_is_not_the_pickers(services: dict[str, dict[str, Any]])
 def test_eds_dir_is_one_volume_in_config_extproc_and_envoy(services: dict[str, dict[str, Any]], picker: Config) -> None:
     eds_dir = picker.server.eds_dir
     assert eds_dir, "DNS pools reach Envoy through EDS files: server.eds_dir must be set"
-    found = {name: mount_at(services[name], eds_dir) for name in ("config", "extproc", "envoy")}
+    found = {name: mount_at(services[name], eds_dir) for name in ("config", "extproc", "extproc-2", "envoy")}
     assert {m.source for m in found.values()} == {"eds"} and not any(m.bind for m in found.values())
     assert not found["extproc"].read_only and not found["config"].read_only
     # The image creates the directory for its non-root user, so the empty named volume is initialised writable.
@@ -337,10 +337,11 @@ def test_eds_dir_is_one_volume_in_config_extproc_and_envoy(services: dict[str, d
     assert eds_dir in final_runs
 
 
-def test_ext_proc_address_is_the_extproc_service(services: dict[str, dict[str, Any]], picker: Config) -> None:
-    host, port = parse_host_port(arg_value(services["config"]["command"], "--ext-proc"))
-    assert host == "extproc" and "extproc" in services
-    assert port == parse_host_port(picker.server.listen)[1]
+def test_ext_proc_addresses_are_the_picker_services(services: dict[str, dict[str, Any]], picker: Config) -> None:
+    for target in arg_value(services["config"]["command"], "--ext-proc").split(","):
+        host, port = parse_host_port(target)
+        assert host in ("extproc", "extproc-2") and host in services
+        assert port == parse_host_port(picker.server.listen)[1]
 
 
 def _map_path(value: str, mapping: dict[str, Path]) -> str:
@@ -407,8 +408,11 @@ def test_config_service_writes_a_bootstrap_envoy_accepts(
     assert listener["address"] == admin["address"] == "0.0.0.0"
     assert {listener["port_value"], admin["port_value"]} == container_ports
     ext_proc = next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "extproc")
-    ext_proc_address = ext_proc["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-    assert ext_proc_address["socket_address"]["address"] == "extproc"
+    hosts = [
+        e["endpoint"]["address"]["socket_address"]["address"]
+        for e in ext_proc["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
+    assert hosts == ["extproc", "extproc-2"]  # both picker replicas
     assert ext_proc["cluster_type"]["name"] == "envoy.clusters.dns"  # a name: Envoy resolves it
 
     try:
@@ -564,7 +568,8 @@ def test_prometheus_jobs_match_the_dashboards(services: dict[str, dict[str, Any]
     admin_port = parse_host_port(arg_value(services["config"]["command"], "--admin"))[1]
     assert jobs["envoy"]["static_configs"] == [{"targets": [f"envoy:{admin_port}"]}]
     metrics_port = parse_host_port(picker.server.metrics_listen)[1]
-    assert jobs["extproc"]["static_configs"] == [{"targets": [f"extproc:{metrics_port}"]}]
+    targets = [f"{name}:{metrics_port}" for name in ("extproc", "extproc-2")]
+    assert jobs["extproc"]["static_configs"] == [{"targets": targets}]
 
     # vllm: every pool's DNS name, on its port, labelled with the pool's name as the reference labels it.
     assert {label for c in reference["vllm"]["static_configs"] for label in c["labels"]} == {"pool"}
@@ -602,14 +607,18 @@ def test_grafana_provisioning(services: dict[str, dict[str, Any]]) -> None:
     assert Path(_map_path(home, {dashboards.target: dashboards.host_path()})).is_file()
 
 
-def test_redis_is_present_but_wired_to_nothing(services: dict[str, dict[str, Any]]) -> None:
+def test_two_pickers_share_state_through_the_redis_service(services: dict[str, dict[str, Any]], picker: Config) -> None:
     redis = services["redis"]
     assert redis["image"].startswith("redis:7")
-    assert not redis.get("ports"), "nothing uses Redis: it publishes nothing"
-    for name, service in services.items():
-        if name != "redis":
-            assert "redis" not in json.dumps(service), f"{name} refers to redis, which nothing in the picker uses"
-    assert "NOTHING in the picker uses Redis" in COMPOSE_FILE.read_text()
+    assert not redis.get("ports"), "Redis is for the pickers only: it publishes nothing"
+    assert services["extproc-2"] == services["extproc"], "the two picker replicas run the same service definition"
+    for name in ("extproc", "extproc-2"):
+        assert depends_on(services[name]).get("redis") == "service_healthy", name
+        assert depends_on(services["envoy"]).get(name) == "service_healthy", name
+    assert picker.state.backend == "redis" and picker.state.url == "redis://redis:6379/0"
+    targets = arg_value(services["config"]["command"], "--ext-proc").split(",")
+    listen_port = parse_host_port(picker.server.listen)[1]
+    assert targets == [f"extproc:{listen_port}", f"extproc-2:{listen_port}"]
 
 
 # ---- Containerfile and .dockerignore -----------------------------------------------------------------------------
