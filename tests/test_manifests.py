@@ -398,6 +398,7 @@ def test_services_select_exactly_their_deployment(renders: dict[str, list[Obj]],
     templates = list(pod_templates(objs))
     intended = {  # Service -> its Deployment (plain, or the ModelService operator's <name>-decode)
         "extproc-router": {"extproc-router"},
+        "extproc-redis": {"extproc-redis"},
         "extproc-gateway": {"extproc-gateway"},
         "vllm-llama-3-2-1b": {"vllm-llama-3-2-1b", "llama-3-2-1b-decode"},
         "vllm-llama-3-2-3b": {"vllm-llama-3-2-3b", "llama-3-2-3b-decode"},

@@ -350,3 +350,52 @@ def test_a_redis_cluster_and_a_sentinel_watched_primary_work_the_same(tmp_path: 
     finally:
         for server in servers:
             server.stop()
+
+
+def test_the_password_comes_from_a_file_or_the_environment_never_the_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from extproc.state.connect import password
+
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    assert password(config("redis://r:6379", password_file=str(secret)).state) == "s3cret"
+    monkeypatch.setenv("EXTPROC_TEST_REDIS_PASSWORD", "from-env")
+    assert password(config("redis://r:6379", password_env="EXTPROC_TEST_REDIS_PASSWORD").state) == "from-env"
+    monkeypatch.delenv("EXTPROC_TEST_REDIS_PASSWORD")
+    assert password(config("redis://r:6379", password_env="EXTPROC_TEST_REDIS_PASSWORD").state) is None
+    with pytest.raises(cfg.ConfigError, match="password_file"):
+        password(config("redis://r:6379", password_file=str(tmp_path / "missing")).state)
+    with pytest.raises(cfg.ConfigError, match="must not hold a password"):
+        config("redis://user:pw@r:6379")
+    with pytest.raises(cfg.ConfigError, match="not both"):
+        config("redis://r:6379", password_file="a", password_env="B")
+
+
+def test_a_password_protected_redis_with_an_acl_user(redis_server: RedisServer, tmp_path: Path) -> None:
+    redis_server.cli("ACL", "SETUSER", "picker", "on", ">pw-of-picker", "~extproc:*", "+@all")
+    redis_server.cli("CONFIG", "SET", "requirepass", "admin-pw")
+    secret = tmp_path / "password"
+    secret.write_text("pw-of-picker")
+
+    async def main() -> None:
+        good = config(redis_server.url, username="picker", password_file=str(secret))
+        a, b = Replica(good, "a"), Replica(good, "b")
+        await a.replicator.start()
+        await b.replicator.start()
+        try:
+            home = a.pick(DOCUMENT)
+            await until(lambda: b.replicator.stats.applied == 1, 5, "replication as an ACL user")
+            assert b.matches(DOCUMENT)[home] > 10
+        finally:
+            await a.replicator.stop()
+            await b.replicator.stop()
+        wrong = Replica(config(redis_server.url), "c")  # no password: refused, and said so
+        await wrong.replicator.start()
+        try:
+            assert not wrong.replicator.stats.up and "auth" in wrong.replicator.stats.last_error.lower()
+            assert wrong.pick(DOCUMENT)  # it still routes, on its own state
+        finally:
+            await wrong.replicator.stop()
+
+    asyncio.run(main())

@@ -1,11 +1,13 @@
 """A Redis client for ``state:``: one server, a Cluster or a Sentinel-watched primary, with or without TLS.
 
 Secrets never come from the configuration file: the password is read from ``password_file`` or the
-environment variable ``password_env`` when the client is made (a missing one is an error naming the field).
+environment variable ``password_env`` when the client is made (an unreadable file is an error naming the field;
+an unset variable means no password, with a warning, so an optional Kubernetes Secret may be left out).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
 from extproc.config import ConfigError, State, parse_host_port
+
+log = logging.getLogger(__name__)
 
 
 def password(state: State) -> str | None:
@@ -27,11 +31,11 @@ def password(state: State) -> str | None:
         return lines[0] if lines else ""
     if state.password_env:
         value = os.environ.get(state.password_env)
-        if value is None:
-            raise ConfigError(
-                f"state.password_env: the environment variable {state.password_env!r} is not set "
-                "(set it, or remove password_env when Redis needs no password)"
+        if not value:  # e.g. an optional Secret that was never created: say so, and try without
+            log.warning(
+                "state.password_env: %s is not set or empty: connecting to Redis without a password", state.password_env
             )
+            return None
         return value
     return None
 
