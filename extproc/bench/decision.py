@@ -4,7 +4,9 @@ A pool of 16 endpoints with varied queues and KV-cache use, a prefix index warme
 conversations that share a system prompt, and chat prompts of 4,000 tokens (16,000 characters).
 Each iteration is timed on its own with ``perf_counter_ns``: prompt hashing alone (the prefix plugin's
 share), and ``schedule()`` (hashing, prefix matching, scoring, recording), which is what the request
-path pays.
+path pays; then ``schedule()`` of two identical schedulers alternately, one of them sharing its picks
+(``state.backend: redis`` keeps each pick for the publisher): the request path's cost of sharing, as a ratio
+within one run. The publisher's encoding (background, per pick) is timed too.
 """
 
 from __future__ import annotations
@@ -66,9 +68,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     from extproc.scheduling import EndpointState, RoutingRequest, Scheduler  # the CLI imports this module
     from extproc.scheduling.prefix.scorer import PrefixScorer
+    from extproc.state.records import encode_batch
 
     rng = random.Random(args.seed)
     scheduler = Scheduler(rng=random.Random(args.seed))
+    shared = Scheduler(rng=random.Random(args.seed))  # the same policy, sharing its picks
     prefix = next(p for p in scheduler.plugins() if isinstance(p, PrefixScorer))
     model, pool = "bench-model", "bench"
     endpoints = [
@@ -87,8 +91,10 @@ def run(args: argparse.Namespace) -> int:
     requests = [RoutingRequest(pool, model, p, target_model=model) for p in prompts]
     for request in requests:  # warm the index: every conversation has been served once
         scheduler.schedule(request, endpoints, 0.5)
+        shared.schedule(request, endpoints, 0.5)
     for e in endpoints:
         e.pending = 0
+    shared.share(100_000)
 
     def reset_pending() -> None:
         for e in endpoints:  # as a fresh scrape would; not timed
@@ -124,6 +130,30 @@ def run(args: argparse.Namespace) -> int:
         row = _percentiles([case(i) for i in range(args.iterations)])
         results[name] = row
         print(f"{name:<16}{row['p50']:>9.1f}{row['p90']:>9.1f}{row['p99']:>9.1f}", flush=True)
+    # Local and sharing schedulers alternately, so that both see the same machine moment by moment.
+    local_ns, shared_ns, encode_ns, encoded = [], [], 0, 0
+    for i in range(args.iterations + 1000):
+        request = requests[i % len(requests)]
+        for target, samples in ((scheduler, local_ns), (shared, shared_ns)):
+            start = time.perf_counter_ns()
+            target.schedule(request, endpoints, 1.0)
+            samples.append(time.perf_counter_ns() - start)
+            reset_pending()
+        if i % 256 == 255:  # the publisher's share, off the request path: take and encode a batch
+            start = time.perf_counter_ns()
+            batch = shared.take_shared()
+            encode_batch(batch)
+            encode_ns += time.perf_counter_ns() - start
+            encoded += len(batch)
+    shared.take_shared()
+    for name, samples in (("local", local_ns), ("shared", shared_ns)):
+        row = _percentiles(samples[1000:])
+        results[f"schedule, {name}"] = row
+        print(f"{'schedule, ' + name:<16}{row['p50']:>9.1f}{row['p90']:>9.1f}{row['p99']:>9.1f}", flush=True)
+    ratio = results["schedule, shared"]["p50"] / results["schedule, local"]["p50"]
+    per_pick = encode_ns / max(1, encoded) / 1e3
+    results["sharing"] = {"p50_ratio": ratio, "encode_us_per_pick": per_pick}
+    print(f"sharing picks (state.backend: redis): p50 {ratio:.3f}x local; the publisher encodes {per_pick:.1f} us/pick")
     results["index"] = {
         "blocks": float(prefix.index.total_blocks()),
         "distinct_blocks": float(prefix.index.distinct_blocks()),
