@@ -78,3 +78,98 @@ def test_two_replicas_keep_affinity_with_redis_and_lose_it_without(tmp_path: Pat
         assert min(per_picker) >= TENANTS / 2, f"{backend}: Envoy did not spread requests over both pickers"
     assert results["redis"][0] >= TENANTS - 1  # follow-ups find the tenant's replica whichever picker decides
     assert results["local"][0] < results["redis"][0]
+
+
+def test_redis_stalled_killed_and_a_picker_killed_under_load_fail_no_request(tmp_path: Path) -> None:
+    """Open-loop load through Envoy while Redis is SIGSTOPped, then SIGKILLed and restarted empty, then one of
+    the two pickers is SIGKILLed; requests are counted by when they finished, so each fault provably overlapped
+    traffic, and replication is shown to resume after Redis returns."""
+    import asyncio
+    import os
+    import signal
+
+    import aiohttp
+
+    if shutil.which("redis-server") is None:
+        pytest.skip(f"redis-server not installed: {INSTALL_HINT}")
+    redis_dir = tmp_path / "redis"
+    redis, url = start_redis(redis_dir)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    pools = [PoolSpec("1b", MODEL, 4, ("--time-scale", "0.1"))]
+    settings = {"state": {"backend": "redis", "url": url, "timeout": 0.5}}
+    stack = start_stack(tmp_path / "stack", pools, settings=settings, pickers=2)
+    bases = picker_bases(stack)
+    phases: list[tuple[float, str]] = []  # (monotonic time, phase that starts)
+    done: list[tuple[float, int]] = []  # (finish time, status)
+    try:
+        time.sleep(0.3)
+
+        async def main() -> None:
+            nonlocal redis
+            async with aiohttp.ClientSession() as session:
+
+                async def one(i: int) -> None:
+                    system = {"role": "system", "content": f"Tenant {i % 6}. " + text(1200, i % 6)}
+                    body = chat([system, {"role": "user", "content": f"question {i}"}])
+                    try:
+                        async with session.post(f"{stack.gateway}/v1/chat/completions", json=body) as r:
+                            await r.read()
+                            done.append((time.monotonic(), r.status))
+                    except aiohttp.ClientError:
+                        done.append((time.monotonic(), 0))
+
+                async def load() -> None:
+                    tasks = []
+                    for i in range(600):  # 40 req/s for 15 s
+                        tasks.append(asyncio.create_task(one(i)))
+                        await asyncio.sleep(1 / 40)
+                    await asyncio.gather(*tasks)
+
+                async def faults() -> None:
+                    nonlocal redis
+                    assert redis.proc is not None
+                    await asyncio.sleep(2)
+                    phases.append((time.monotonic(), "redis stopped"))
+                    os.kill(redis.pid, signal.SIGSTOP)
+                    await asyncio.sleep(2)
+                    os.kill(redis.pid, signal.SIGCONT)
+                    phases.append((time.monotonic(), "redis continued"))
+                    await asyncio.sleep(2)
+                    phases.append((time.monotonic(), "redis killed"))
+                    os.kill(redis.pid, signal.SIGKILL)
+                    redis.proc.wait()
+                    await asyncio.sleep(1.5)
+                    redis, _ = await asyncio.to_thread(start_redis, redis_dir, port, "redis-2")
+                    back = time.monotonic()
+                    phases.append((back, "redis restarted empty"))
+
+                    def applied_now() -> list[float]:
+                        return [applied(b) for b in bases]
+
+                    before = await asyncio.to_thread(applied_now)
+                    while not all(a > b for a, b in zip(await asyncio.to_thread(applied_now), before, strict=True)):
+                        assert time.monotonic() - back < 3.0, "replication did not resume within 2 s (+1 s slack)"
+                        await asyncio.sleep(0.05)
+                    phases.append((time.monotonic(), "replication resumed"))
+                    await asyncio.sleep(1.5)
+                    phases.append((time.monotonic(), "picker 2 killed"))
+                    stack.more_pickers[0].proc.send_signal(signal.SIGKILL)
+
+                await asyncio.gather(load(), faults())
+
+        asyncio.run(main())
+    finally:
+        stack.stop()
+        redis.stop()
+    labels = ["before", *[name for _, name in phases]]
+    starts = [0.0, *[t for t, _ in phases]]
+    counts: dict[str, list[int]] = {name: [] for name in labels}
+    for finished, status in done:
+        phase = labels[max(i for i, start in enumerate(starts) if finished >= start)]
+        counts[phase].append(status)
+    print({name: (len(s), sum(x != 200 for x in s)) for name, s in counts.items()})
+    assert len(done) == 600 and all(status == 200 for _, status in done)
+    for name in ("before", "redis stopped", "redis killed", "picker 2 killed"):
+        assert len(counts[name]) >= 20, (
+            f"too few requests finished in phase {name!r}: the fault may not have overlapped"
+        )
