@@ -214,12 +214,13 @@ def test_bench_replicas_quick_run_answers_through_two_pickers_sharing_redis(tmp_
     env = {**os.environ, TAG_VARIABLE: tag}
     result = run_tagged([sys.executable, "-m", "extproc", "bench", "replicas", *options], env, tag, timeout=180)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    assert "[cell 3/3]" in result.stdout and "2 pickers on Redis: hit rate / one picker's" in result.stdout
+    assert "[cell 4/4]" in result.stdout and "2 pickers on Redis: hit rate / one picker's" in result.stdout
     time.sleep(0.5)
     assert tagged(tag) == [], "the benchmark left processes running"
     data = json.loads((tmp_path / "out" / "replicas.json").read_text())
     cells = {c["router"]: c for c in data["cells"]}
-    assert set(cells) == {"extproc", "extproc-x2", "extproc-x2-redis"} and data["failed_cells"] == []
+    assert set(cells) == {"extproc", "extproc-x2", "extproc-x2-redis", "extproc-w2-redis"}
+    assert data["failed_cells"] == []
     for cell in cells.values():
         assert cell["failed"] == 0 and cell["ok"] == cell["measured"]
     assert set(cells["extproc-x2-redis"]["cpu_parts_ms_per_request"]) == {"envoy", "picker", "picker-2", "redis"}

@@ -64,6 +64,7 @@ class Stack:
     # pickers beyond the first (``start_stack(pickers=N)``): their config files (own ports) and processes
     more_configs: list[tuple[Config, Path]] = field(default_factory=list)
     more_pickers: list[Child] = field(default_factory=list)
+    picker_args: tuple[str, ...] = ()  # extra `extproc serve` options for every picker (e.g. --workers 2)
 
     @property
     def pickers(self) -> list[Child]:
@@ -92,7 +93,8 @@ class Stack:
 
     def start_extproc(self) -> Child:
         """Start the picker (and any more pickers of ``start_stack(pickers=N)``); returns the first."""
-        child = Child("extproc", extproc_argv("serve", "--config", str(self.config_path)), self.log_dir)
+        argv = extproc_argv("serve", "--config", str(self.config_path), *self.picker_args)
+        child = Child("extproc", argv, self.log_dir)
         try:
             child.wait_http(self.metrics_url)
         except BaseException:
@@ -100,7 +102,8 @@ class Stack:
             raise
         self.extproc = child
         for i, (config, path) in enumerate(self.more_configs, start=2):
-            more = Child(f"extproc-{i}", extproc_argv("serve", "--config", str(path)), self.log_dir)
+            argv = extproc_argv("serve", "--config", str(path), *self.picker_args)
+            more = Child(f"extproc-{i}", argv, self.log_dir)
             self.more_pickers.append(more)
             more.wait_http(f"http://{local_address(config.server.metrics_listen)}/metrics")
         return child
@@ -126,6 +129,7 @@ def start_stack(
     metrics_port: int | None = None,
     bootstrap_options: dict[str, Any] | None = None,
     pickers: int = 1,
+    picker_args: Sequence[str] = (),
 ) -> Stack:
     """Start simulators for ``pools``, then the ext_proc (unless ``with_extproc`` is False), then Envoy.
 
@@ -176,6 +180,7 @@ def start_stack(
             gateway_port=gateway_port or free_port(),
             admin_port=admin_port or free_port(),
             sims=sims,
+            picker_args=tuple(picker_args),
         )
         for i in range(2, pickers + 1):
             server = {

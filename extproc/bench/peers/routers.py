@@ -44,6 +44,7 @@ class RouterSpec:
     settings: dict[str, Any] | None = None  # other top-level sections for this gateway alone (e.g. scrape)
     pickers: int = 1  # `extproc serve` replicas behind the one Envoy (its ext_proc cluster holds them all)
     shared: bool = False  # the pickers share their picks through a redis-server of their own
+    workers: int = 1  # `extproc serve --workers N` processes per picker (on one port)
 
 
 ROUTERS: dict[str, RouterSpec] = {
@@ -58,11 +59,12 @@ ROUTERS: dict[str, RouterSpec] = {
         RouterSpec("vllm-round_robin", "vllm", "round_robin"),
         RouterSpec("extproc-x2", "extproc", "default, 2 pickers", pickers=2),
         RouterSpec("extproc-x2-redis", "extproc", "default, 2 pickers on Redis", pickers=2, shared=True),
+        RouterSpec("extproc-w2-redis", "extproc", "default, serve --workers 2 on Redis", workers=2, shared=True),
     )
 }
 PEER_ROUTERS = tuple(name for name in ROUTERS if not name.startswith("extproc-x"))  # `bench peers`' default
 QUICK_ROUTERS = ("extproc", "extproc-rr", "sglang-cache_aware", "sglang-round_robin")
-REPLICA_ROUTERS = ("extproc", "extproc-x2", "extproc-x2-redis")  # `bench replicas`
+REPLICA_ROUTERS = ("extproc", "extproc-x2", "extproc-x2-redis", "extproc-w2-redis")  # `bench replicas`
 
 
 def find_program(kind: str, override: str | None = None) -> str | None:
@@ -153,7 +155,8 @@ def _start_gateway(spec: RouterSpec, setup: SimSetup, log_dir: Path, settings: d
         settings = {**settings, "state": {**settings.get("state", {}), "backend": "redis", "url": url}}
     try:
         pools = [PoolSpec("bench", MODEL, setup.replicas, setup.args())]
-        stack = start_stack(log_dir, pools, settings=settings, pickers=spec.pickers)
+        workers = ("--workers", str(spec.workers)) if spec.workers > 1 else ()
+        stack = start_stack(log_dir, pools, settings=settings, pickers=spec.pickers, picker_args=workers)
     except BaseException:
         if redis is not None:
             redis.stop()
