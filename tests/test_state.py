@@ -238,6 +238,13 @@ def test_foreign_and_corrupt_entries_are_skipped_and_counted(redis_server: Redis
             home = a.pick(DOCUMENT)
             await until(lambda: b.replicator.stats.applied == 1, 5, "b to apply a's pick after the junk")
             assert b.replicator.stats.rejected == 4 and b.matches(DOCUMENT)[home] > 10
+            # the key taken over by another program's value: errors, counted, routing goes on; back when freed
+            redis_server.cli("DEL", key)
+            redis_server.cli("SET", key, "not a stream")
+            a.pick("during " + DOCUMENT)
+            await until(lambda: "WRONGTYPE" in a.replicator.stats.last_error, 5, "the wrong type to be noticed")
+            redis_server.cli("DEL", key)
+            await until(lambda: b.replicator.stats.applied == 2, 10, "replication once the key is a stream again")
         finally:
             await a.replicator.stop()
             await b.replicator.stop()

@@ -8,7 +8,7 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="benchmarks (results go to stdout and optionally JSON)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    from extproc.bench import decision, overhead, sim_throughput
+    from extproc.bench import decision, overhead, picker_load, sim_throughput
     from extproc.bench.peers import command as peers
     from extproc.bench.routing import command as routing
 
@@ -17,3 +17,4 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     overhead.add_parser(bench)
     routing.add_parser(bench)
     peers.add_parser(bench)
+    picker_load.add_parser(bench)

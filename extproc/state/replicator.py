@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import secrets
@@ -31,7 +32,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BATCH_PICKS = 256  # picks per stream entry at most: entries stay well under a megabyte
+BATCH_PICKS = 64  # picks per stream entry at most: applying one entry holds the event loop ~2 ms at worst
 READ_COUNT = 500  # entries per XREAD / XRANGE
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BACKOFF_MAX = 2.0  # seconds between attempts while Redis does not answer: resumes within 2 s of its return
@@ -72,8 +73,8 @@ class ReplicationStats:
     reconnects: int = 0
     warmup_seconds: float | None = None
     warmup_entries: int = 0
+    outbox: int = 0  # picks waiting to be published
     last_error: str = ""
-    outbox: deque[Pick] = field(default_factory=deque)
 
 
 class Replicator:
@@ -96,11 +97,11 @@ class Replicator:
         self.name = name or replica_name()
         self._name_bytes = self.name.encode()
         self._clock = clock
-        self.stats = ReplicationStats(outbox=deque(maxlen=self.settings.max_outbox))
+        self.stats = ReplicationStats()
+        self._outbox: deque[Pick] = deque(maxlen=self.settings.max_outbox)
         self._client: Any = None
         self._last_id: bytes | None = None  # the last stream entry applied; None until the history is read
         self._tasks: list[asyncio.Task[None]] = []
-        self._wake = asyncio.Event()
         self.lag = Histogram(
             "extproc_state_replication_lag_seconds",
             "From another replica's pick being published to it being applied here (both wall clocks).",
@@ -160,7 +161,7 @@ class Replicator:
                 backoff = min(BACKOFF_MAX, max(0.05, backoff * 2))
 
     async def _flush(self) -> None:
-        outbox = self.stats.outbox
+        outbox = self._outbox
         for pick in self.scheduler.take_shared():
             if len(outbox) == outbox.maxlen:
                 self.stats.dropped += 1
@@ -168,13 +169,15 @@ class Replicator:
         self.stats.dropped += self.scheduler.shared_dropped
         self.scheduler.shared_dropped = 0
         while outbox:
-            batch = [outbox[i] for i in range(min(BATCH_PICKS, len(outbox)))]
+            batch = list(itertools.islice(outbox, BATCH_PICKS))
             fields = {b"r": self._name_bytes, b"t": repr(self._clock()).encode(), b"b": encode_batch(batch)}
+            self.stats.outbox = len(outbox)
             await self._client.xadd(self.settings.key, fields, maxlen=self.settings.max_entries, approximate=True)
             for _ in batch:
                 outbox.popleft()
             self.stats.published += len(batch)
             self._up()
+        self.stats.outbox = 0
 
     # ----- reading ----------------------------------------------------------------------------------
 
@@ -189,6 +192,7 @@ class Replicator:
                 for _stream, entries in answer or ():
                     for entry_id, fields in entries:
                         self._apply(entry_id, fields, live=True)
+                        await asyncio.sleep(0)  # a backlog (after an outage) never holds the request path long
                 self._up()
                 backoff = 0.0
             except ERRORS as exc:
@@ -204,6 +208,7 @@ class Replicator:
             for entry_id, fields in entries:
                 self._apply(entry_id, fields, live=False)
                 self.stats.warmup_entries += 1
+                await asyncio.sleep(0)
             if len(entries) < READ_COUNT:
                 break
             start = b"(" + entries[-1][0]
@@ -272,7 +277,7 @@ class _StatsCollector:
         up = GaugeMetricFamily("extproc_state_redis_up", "1 while the last Redis command of the replicator succeeded.")
         up.add_metric([], 1.0 if s.up else 0.0)
         outbox = GaugeMetricFamily("extproc_state_outbox_picks", "Picks waiting to be published.")
-        outbox.add_metric([], float(len(s.outbox)))
+        outbox.add_metric([], float(s.outbox))
         warmup = GaugeMetricFamily(
             "extproc_state_warmup_seconds", "How long reading the shared history took at start (NaN: it timed out)."
         )
