@@ -28,8 +28,8 @@ ROWS: tuple[tuple[str, str, str], ...] = (
 
 
 def show(fmt: str, value: Any) -> str:
-    """``value`` formatted for a table; "-" where a cell has no value (NaN)."""
-    if isinstance(value, float) and math.isnan(value):
+    """``value`` formatted for a table; "-" where a cell has no value (NaN, or null in JSON read back)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return fmt.format(value)
 
