@@ -29,6 +29,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+import yaml
 import orjson
 
 from extproc.bench import machine
@@ -53,6 +54,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--replicas", type=int, default=4, help="simulated endpoints in the pool")
     p.add_argument("--body-bytes", type=int, default=4096, help="approximate chat body size")
     p.add_argument("--idle", type=float, default=5.0, help="seconds the ext_procs' background CPU is measured for")
+    p.add_argument(
+        "--settings",
+        metavar="YAML",
+        help="extra configuration sections for the picker, e.g. '{scrape: {interval: 0.1}}' or "
+        "'{scrape: {only_needed_series: false}}' (what the scrape costs both sides)",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     p.set_defaults(func=run)
 
@@ -137,9 +144,13 @@ def run(args: argparse.Namespace) -> int:
     info = machine.describe()
     print(machine.summary_line(info), flush=True)
     print(f"logs in {log_dir}", flush=True)
+    settings = yaml.safe_load(args.settings) if args.settings else None
+    if settings is not None and not isinstance(settings, dict):
+        raise SystemExit("--settings: expected a mapping of configuration sections, e.g. '{scrape: {interval: 0.1}}'")
     stack = start_stack(
         log_dir,
         [PoolSpec("bench", MODEL, args.replicas, ("--time-scale", "0"))],
+        settings=settings,
         bootstrap_options={"message_timeout_ms": 1000},
     )
     noop: Child | None = None
@@ -220,13 +231,20 @@ def run(args: argparse.Namespace) -> int:
 
         assert stack.extproc is not None
         processes = {"noop": noop, "extproc": stack.extproc}
+        replicas = [r.child for r in stack.sims["bench"]]
+        replicas_before = sum(c.cpu_seconds() for c in replicas)
+        started = time.monotonic()
         background = {name: _idle_cpu(process, args.idle) for name, process in processes.items()}
+        # The replicas serve the picker's scrapes meanwhile (and nothing else): what scraping costs them.
+        replicas_idle = (sum(c.cpu_seconds() for c in replicas) - replicas_before) / (time.monotonic() - started)
         print(
             f"background CPU with no traffic ({args.idle:g}s): "
             + ", ".join(f"{name} {cpu * 1e3:.1f} ms/s" for name, cpu in background.items())
-            + f" (the picker scrapes {args.replicas} endpoints every {stack.config.scrape.interval:g}s)",
+            + f" (the picker scrapes {args.replicas} endpoints every {stack.config.scrape.interval:g}s); "
+            f"the {args.replicas} replicas serving those scrapes {replicas_idle * 1e3:.1f} ms/s",
             flush=True,
         )
+        results["replicas_background_cpu_seconds_per_second"] = replicas_idle
         print(f"closed loop: {args.connections} connections for {args.throughput_duration:g}s")
         print(
             f"{'gateway':<10}{'req/s':>9}{'failed':>8}{'CPU us/req':>12}{'background':>12}{'request path':>14}"
