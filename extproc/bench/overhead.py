@@ -29,8 +29,8 @@ from typing import Any
 
 import aiohttp
 import grpc
-import yaml
 import orjson
+import yaml
 
 from extproc.bench import machine
 from extproc.bench.loadgen import LoadResult, closed_loop
