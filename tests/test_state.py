@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -406,3 +407,20 @@ def test_a_password_protected_redis_with_an_acl_user(redis_server: RedisServer, 
             await wrong.replicator.stop()
 
     asyncio.run(main())
+
+
+def test_serve_check_names_a_bad_state_section(tmp_path: Path) -> None:
+    import yaml
+
+    base = {"pools": [{"name": POOL, "models": [MODEL], "endpoints": {"static": ADDRESSES}}]}
+    cases = [
+        ({"backend": "redis", "url": "redis://r:6379/0", "password_file": str(tmp_path / "nope")}, "password_file"),
+        ({"backend": "redis", "url": "redis+sentinel://h:26379"}, "MASTER_NAME"),
+        ({"backend": "redis"}, "needs 'url'"),
+    ]
+    for state, expected in cases:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump({**base, "state": state}))
+        argv = [sys.executable, "-m", "extproc", "serve", "--config", str(path), "--check"]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2 and expected in result.stderr, (state, result.stderr)

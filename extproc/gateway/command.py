@@ -45,6 +45,10 @@ def check_config(path: str | Path) -> tuple[Config, Scheduler]:
     from extproc.scheduling.scheduler import Scheduler
 
     config = load_config(path)
+    if config.state.backend == "redis":  # the URL's form and the password's source, checked without connecting
+        from extproc.state.connect import client
+
+        client(config.state)
     return config, Scheduler.from_config(config)
 
 
