@@ -69,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
             redis, url = start_redis(log_dir)
             children.append(redis)
             state = {"state": {"backend": "redis", "url": url}}
-        print(f"{'workers':<9}{'req/s':>9}{'picker CPU us/req':>19}{'clients CPU us/req':>20}{'per worker':>16}")
+        print(
+            f"{'workers':<9}{'req/s':>9}{'picker CPU us/req':>19}{'decision mean us':>18}{'clients CPU us/req':>20}"
+            f"{'per worker':>16}"
+        )
         for workers in cases:
             listen, metrics = free_port(), free_port()
             while not all(port_free(metrics + k) for k in range(workers)):  # worker k serves metrics + k
@@ -90,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
             row = _case(args, f"127.0.0.1:{listen}", picker, log_dir, workers, metrics)
             results["cases"][str(workers)] = row
             print(f"{workers:<9}{row['rate']:>9.0f}{row['picker_cpu_us_per_request']:>19.0f}"
+                  f"{row['decision_mean_us']:>18.1f}"
                   f"{row['clients_cpu_us_per_request']:>20.0f}{row['per_worker']!s:>16}", flush=True)  # fmt: skip
             picker.stop()
         base = results["cases"].get(str(cases[0]))
@@ -127,7 +131,10 @@ def _case(
     if any("completed" not in o for o in outputs):
         raise RuntimeError(f"a client failed; see {log_dir / 'clients.log'}")
     done = max(1, sum(o["completed"] for o in outputs))
-    per_worker = [_handled(f"http://127.0.0.1:{metrics + k}/metrics") for k in range(workers)]
+    pages = [_samples(f"http://127.0.0.1:{metrics + k}/metrics") for k in range(workers)]
+    per_worker = [int(sum(v for name, v in page if name == "extproc_requests_total")) for page in pages]
+    decisions = sum(v for page in pages for name, v in page if name == "extproc_decision_duration_seconds_count")
+    decided = sum(v for page in pages for name, v in page if name == "extproc_decision_duration_seconds_sum")
     return {
         "workers": workers,
         "completed": done,
@@ -135,17 +142,19 @@ def _case(
         "picker_cpu_us_per_request": (after - before) / done * 1e6,
         "clients_cpu_us_per_request": sum(o["cpu_seconds"] for o in outputs) / done * 1e6,
         "per_worker": per_worker,
+        "decision_mean_us": decided / decisions * 1e6 if decisions else float("nan"),
     }
 
 
-def _handled(url: str) -> int:
+def _samples(url: str) -> list[tuple[str, float]]:
+    """(name, value) of every sample on a /metrics page."""
     import urllib.request
 
     from extproc.local.promtext import samples
 
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
-    return int(sum(s.value for s in samples(text) if s.name == "extproc_requests_total"))
+    return [(s.name, s.value) for s in samples(text)]
 
 
 def _client_main(target: str, connections: int, streams: int, start_at: float, end_at: float) -> None:
