@@ -91,3 +91,21 @@ def test_workers_need_a_tcp_port(tmp_path: Path) -> None:
     assert child.proc.wait(30) == 2
     child.stop()
     assert "SO_REUSEPORT does not apply to unix sockets" in child.log_path.read_text()
+
+
+def test_bench_picker_drives_one_and_two_workers_over_grpc(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "picker.json"
+    argv = [sys.executable, "-m", "extproc", "bench", "picker", "--workers", "1,2", "--duration", "1.5"]
+    argv += ["--clients", "1", "--connections", "4", "--streams", "2", "--replicas", "2", "--json", str(out)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    cases = json.loads(out.read_text())["cases"]
+    assert set(cases) == {"1", "2"}
+    for workers, case in cases.items():
+        assert case["completed"] > 10 and case["picker_cpu_us_per_request"] > 0 and case["decision_mean_us"] > 0
+        assert len(case["per_worker"]) == int(workers)
+    assert "2 workers: picker CPU per request" in result.stdout
