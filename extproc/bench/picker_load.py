@@ -154,7 +154,7 @@ def _samples(url: str) -> list[tuple[str, float]]:
 
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
-    return [(s.name, s.value) for s in samples(text)]
+    return [(name, value) for name, _labels, value in samples(text)]
 
 
 def _client_main(target: str, connections: int, streams: int, start_at: float, end_at: float) -> None:
