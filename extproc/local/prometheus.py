@@ -98,7 +98,14 @@ def scrape_config(stack: Stack, scrape_interval: float = 1.0) -> dict[str, Any]:
             },
             {
                 "job_name": "extproc",
-                "static_configs": [{"targets": [local_address(stack.config.server.metrics_listen)]}],
+                "static_configs": [  # every picker of the stack (start_stack(pickers=N))
+                    {
+                        "targets": [
+                            local_address(config.server.metrics_listen)
+                            for config in [stack.config, *(c for c, _ in stack.more_configs)]
+                        ]
+                    }
+                ],
             },
             {
                 "job_name": "vllm",
