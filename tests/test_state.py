@@ -39,8 +39,9 @@ NO_REDIS = "redis-server not installed (Debian: apt-get install redis-server; .c
 class RedisServer:
     """One redis-server on 127.0.0.1, no persistence; stop/restart by PID."""
 
-    def __init__(self, tmp: Path, *extra: str, port: int | None = None) -> None:
+    def __init__(self, tmp: Path, *extra: str, port: int | None = None, tls_ca: Path | None = None) -> None:
         self.port = port or free_port()
+        self.tls_ca = tls_ca  # TLS only (rediss://): PING through redis-cli --tls with this CA
         self.tmp = tmp
         self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
@@ -57,7 +58,8 @@ class RedisServer:
         wait_for(self._answers, 10, "redis-server to answer PING")
 
     def _answers(self) -> bool:
-        out = subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True)
+        tls = ["--tls", "--cacert", str(self.tls_ca)] if self.tls_ca else []
+        out = subprocess.run(["redis-cli", *tls, "-p", str(self.port), "ping"], capture_output=True, text=True)
         return out.stdout.strip() == "PONG"
 
     def cli(self, *args: str) -> str:
@@ -424,3 +426,50 @@ def test_serve_check_names_a_bad_state_section(tmp_path: Path) -> None:
         argv = [sys.executable, "-m", "extproc", "serve", "--config", str(path), "--check"]
         result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 2 and expected in result.stderr, (state, result.stderr)
+
+
+def test_rediss_with_a_private_ca(tmp_path: Path) -> None:
+    if shutil.which("redis-server") is None or shutil.which("openssl") is None:
+        pytest.skip(f"{NO_REDIS}, and openssl to make the certificates")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, capture_output=True, check=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+            "-subj", "/CN=extproc-test-ca")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1")
+    (tmp_path / "san").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+            "srv.crt", "-days", "2", "-extfile", "san")  # fmt: skip
+    ca = tmp_path / "ca.crt"
+    server = RedisServer(tmp_path, "--tls-cert-file", "srv.crt", "--tls-key-file", "srv.key", tls_ca=ca)
+    server.extra += ("--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no", "--tls-port", str(server.port))
+    server.extra += ("--port", "0")  # TLS only: the plain port is off
+    server.start()
+    try:
+
+        async def main() -> None:
+            url = f"rediss://127.0.0.1:{server.port}/0"
+            conf = config(url, ca_file=str(tmp_path / "ca.crt"))
+            a, b = Replica(conf, "a"), Replica(conf, "b")
+            await a.replicator.start()
+            await b.replicator.start()
+            try:
+                home = a.pick(DOCUMENT)
+                await until(lambda: b.replicator.stats.applied == 1, 5, "replication over TLS")
+                assert b.matches(DOCUMENT)[home] > 10
+            finally:
+                await a.replicator.stop()
+                await b.replicator.stop()
+            untrusted = Replica(config(url), "c")  # the system CAs do not know the private one: refused
+            await untrusted.replicator.start()
+            try:
+                assert (
+                    not untrusted.replicator.stats.up and "certificate" in untrusted.replicator.stats.last_error.lower()
+                )
+            finally:
+                await untrusted.replicator.stop()
+
+        asyncio.run(main())
+    finally:
+        server.stop()
