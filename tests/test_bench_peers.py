@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -133,22 +134,26 @@ def test_done_when_checks_compare_the_right_routers() -> None:
     assert ("tenants", "extproc TTFT mean / sglang cache_aware's") not in rows
 
 
+def smoke_run(tmp_path: Path, bench: str, *options: str) -> tuple[str, dict[str, Any]]:
+    """`extproc bench BENCH --quick` on multitenant at 20 req/s with 3 s cells: its stdout and its JSON; it must
+    exit 0 and leave no process behind."""
+    tag = uuid.uuid4().hex
+    argv = [sys.executable, "-m", "extproc", "bench", bench, "--quick", "--workloads", "multitenant", "--rates", "20"]
+    argv += ["--duration", "3", "--min-requests", "40", *options]
+    argv += ["--out", str(tmp_path / "out"), "--log-dir", str(tmp_path / "logs")]
+    result = run_tagged(argv, {**os.environ, TAG_VARIABLE: tag}, tag, timeout=180)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    time.sleep(0.5)
+    assert tagged(tag) == [], "the benchmark left processes running"
+    return result.stdout, json.loads((tmp_path / "out" / f"{bench}.json").read_text())
+
+
 def test_quick_run_answers_every_request_through_every_router(tmp_path: Path) -> None:
     missing = [kind for kind in ("sglang", "vllm") if find_program(kind) is None]
     if missing:
         pytest.skip(f"{' and '.join(f'{k}-router' for k in missing)} not installed: {INSTALL_HINT}")
-    out_dir = tmp_path / "out"
-    tag = uuid.uuid4().hex
-    options = ["--quick", "--workloads", "multitenant", "--rates", "20", "--routers", ",".join(SMOKE_ROUTERS)]
-    options += ["--duration", "3", "--min-requests", "40", "--out", str(out_dir), "--log-dir", str(tmp_path / "logs")]
-    env = {**os.environ, TAG_VARIABLE: tag}
-    result = run_tagged([sys.executable, "-m", "extproc", "bench", "peers", *options], env, tag, timeout=180)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    assert "[cell 3/3]" in result.stdout and "done-when checks" in result.stdout
-    time.sleep(0.5)
-    assert tagged(tag) == [], "the benchmark left processes running"
-
-    data = json.loads((out_dir / "peers.json").read_text())
+    stdout, data = smoke_run(tmp_path, "peers", "--routers", ",".join(SMOKE_ROUTERS))
+    assert "[cell 3/3]" in stdout and "done-when checks" in stdout
     assert data["skipped"] == {} and data["failed_cells"] == []
     cells = {c["router"]: c for c in data["cells"]}
     assert set(cells) == set(SMOKE_ROUTERS)
@@ -168,6 +173,7 @@ def test_quick_run_answers_every_request_through_every_router(tmp_path: Path) ->
     assert cells["extproc"]["picker_bypassed"] == 0
     checks = [r for r in data["checks"] if r["check"].startswith("extproc TTFT mean / sglang")]
     assert checks and checks[0]["value"] is not None
+    out_dir = tmp_path / "out"
     assert (out_dir / "peers-multitenant.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| TTFT mean ms |" in (out_dir / "peers.md").read_text()
 
@@ -208,16 +214,8 @@ def test_bench_replicas_quick_run_answers_through_two_pickers_sharing_redis(tmp_
 
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server not installed (Debian: apt-get install redis-server)")
-    tag = uuid.uuid4().hex
-    options = ["--quick", "--workloads", "multitenant", "--rates", "20", "--duration", "3", "--min-requests", "40"]
-    options += ["--out", str(tmp_path / "out"), "--log-dir", str(tmp_path / "logs")]
-    env = {**os.environ, TAG_VARIABLE: tag}
-    result = run_tagged([sys.executable, "-m", "extproc", "bench", "replicas", *options], env, tag, timeout=180)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    assert "[cell 4/4]" in result.stdout and "2 pickers on Redis: hit rate / one picker's" in result.stdout
-    time.sleep(0.5)
-    assert tagged(tag) == [], "the benchmark left processes running"
-    data = json.loads((tmp_path / "out" / "replicas.json").read_text())
+    stdout, data = smoke_run(tmp_path, "replicas")
+    assert "[cell 4/4]" in stdout and "2 pickers on Redis: hit rate / one picker's" in stdout
     cells = {c["router"]: c for c in data["cells"]}
     assert set(cells) == {"extproc", "extproc-x2", "extproc-x2-redis", "extproc-w2-redis"}
     assert data["failed_cells"] == []

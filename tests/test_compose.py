@@ -559,7 +559,7 @@ def test_prometheus_jobs_match_the_dashboards(services: dict[str, dict[str, Any]
         admin_port=9901,
         config=picker,
         sims={p.name: [types.SimpleNamespace(address="127.0.0.1:1")] for p in picker.pools},
-        more_configs=[],
+        picker_configs=[picker],
     )
     reference = {job["job_name"]: job for job in scrape_config(fake_stack)["scrape_configs"]}  # type: ignore[arg-type]
     assert set(jobs) == set(reference) == {"envoy", "extproc", "vllm"}

@@ -145,6 +145,20 @@ class Replica:
         return scorer.index.match(scorer.hashes(text, MODEL), ADDRESSES)
 
 
+async def one_pick_replicates(conf: cfg.Config, timeout: float, what: str) -> None:
+    """Two replicas on ``conf``: one pick by the first reaches the second's index within ``timeout``."""
+    a, b = Replica(conf, "a"), Replica(conf, "b")
+    await a.replicator.start()
+    await b.replicator.start()
+    try:
+        home = a.pick(DOCUMENT)
+        await until(lambda: b.replicator.stats.applied == 1, timeout, what)
+        assert b.matches(DOCUMENT)[home] > 10
+    finally:
+        await a.replicator.stop()
+        await b.replicator.stop()
+
+
 # ----- the wire format and the plugin's records: no Redis ----------------------------------------------
 
 
@@ -339,21 +353,7 @@ def test_a_redis_cluster_and_a_sentinel_watched_primary_work_the_same(tmp_path: 
             )
 
             for url in (f"redis+cluster://{nodes[1]}", f"redis+sentinel://127.0.0.1:{sentinel_port}/main/0"):
-
-                async def main(url: str = url) -> None:
-                    conf = config(url)
-                    a, b = Replica(conf, "a"), Replica(conf, "b")
-                    await a.replicator.start()
-                    await b.replicator.start()
-                    try:
-                        home = a.pick(DOCUMENT)
-                        await until(lambda: b.replicator.stats.applied == 1, 10, f"replication through {url}")
-                        assert b.matches(DOCUMENT)[home] > 10
-                    finally:
-                        await a.replicator.stop()
-                        await b.replicator.stop()
-
-                asyncio.run(main())
+                asyncio.run(one_pick_replicates(config(url), 10, f"replication through {url}"))
         finally:
             sentinel.kill()
             sentinel.wait(10)
@@ -390,16 +390,7 @@ def test_a_password_protected_redis_with_an_acl_user(redis_server: RedisServer, 
 
     async def main() -> None:
         good = config(redis_server.url, username="picker", password_file=str(secret))
-        a, b = Replica(good, "a"), Replica(good, "b")
-        await a.replicator.start()
-        await b.replicator.start()
-        try:
-            home = a.pick(DOCUMENT)
-            await until(lambda: b.replicator.stats.applied == 1, 5, "replication as an ACL user")
-            assert b.matches(DOCUMENT)[home] > 10
-        finally:
-            await a.replicator.stop()
-            await b.replicator.stop()
+        await one_pick_replicates(good, 5, "replication as an ACL user")
         wrong = Replica(config(redis_server.url), "c")  # no password: refused, and said so
         await wrong.replicator.start()
         try:
@@ -450,17 +441,7 @@ def test_rediss_with_a_private_ca(tmp_path: Path) -> None:
 
         async def main() -> None:
             url = f"rediss://127.0.0.1:{server.port}/0"
-            conf = config(url, ca_file=str(tmp_path / "ca.crt"))
-            a, b = Replica(conf, "a"), Replica(conf, "b")
-            await a.replicator.start()
-            await b.replicator.start()
-            try:
-                home = a.pick(DOCUMENT)
-                await until(lambda: b.replicator.stats.applied == 1, 5, "replication over TLS")
-                assert b.matches(DOCUMENT)[home] > 10
-            finally:
-                await a.replicator.stop()
-                await b.replicator.stop()
+            await one_pick_replicates(config(url, ca_file=str(tmp_path / "ca.crt")), 5, "replication over TLS")
             untrusted = Replica(config(url), "c")  # the system CAs do not know the private one: refused
             await untrusted.replicator.start()
             try:

@@ -25,8 +25,7 @@ TENANTS = 12
 
 
 def picker_bases(stack: Stack) -> list[str]:
-    listens = [stack.config.server.metrics_listen] + [c.server.metrics_listen for c, _ in stack.more_configs]
-    return [f"http://{local_address(x)}" for x in listens]
+    return [f"http://{local_address(c.server.metrics_listen)}" for c in stack.picker_configs]
 
 
 def handled(base: str) -> float:

@@ -99,12 +99,7 @@ def scrape_config(stack: Stack, scrape_interval: float = 1.0) -> dict[str, Any]:
             {
                 "job_name": "extproc",
                 "static_configs": [  # every picker of the stack (start_stack(pickers=N))
-                    {
-                        "targets": [
-                            local_address(config.server.metrics_listen)
-                            for config in [stack.config, *(c for c, _ in stack.more_configs)]
-                        ]
-                    }
+                    {"targets": [local_address(c.server.metrics_listen) for c in stack.picker_configs]}
                 ],
             },
             {

@@ -71,9 +71,14 @@ class Stack:
         return ([self.extproc] if self.extproc is not None else []) + self.more_pickers
 
     @property
+    def picker_configs(self) -> list[Config]:
+        """Every picker's configuration, the first one's first (they differ only in their ports)."""
+        return [self.config, *(c for c, _ in self.more_configs)]
+
+    @property
     def ext_proc_targets(self) -> str:
         """Every picker's gRPC address, comma-separated, as Envoy's ext_proc cluster lists them."""
-        listens = [self.config.server.listen] + [c.server.listen for c, _ in self.more_configs]
+        listens = [c.server.listen for c in self.picker_configs]
         return ",".join(local_address(x) if not x.startswith("unix:") else x for x in listens)
 
     @property

@@ -57,6 +57,11 @@ BACKOFF_MAX = 2.0  # seconds between attempts while Redis does not answer: resum
 ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
+def _next_backoff(backoff: float) -> float:
+    """The wait before the next attempt: 50 ms, doubling to at most ``BACKOFF_MAX``."""
+    return min(BACKOFF_MAX, max(0.05, backoff * 2))
+
+
 def replica_name() -> str:
     """This process's name on the stream: host, PID and a random tag (PIDs repeat across containers)."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -158,7 +163,7 @@ class Replicator:
                 backoff = 0.0
             except ERRORS as exc:
                 self._down(exc)
-                backoff = min(BACKOFF_MAX, max(0.05, backoff * 2))
+                backoff = _next_backoff(backoff)
 
     async def _flush(self) -> None:
         outbox = self._outbox
@@ -197,7 +202,7 @@ class Replicator:
                 backoff = 0.0
             except ERRORS as exc:
                 self._down(exc)
-                backoff = min(BACKOFF_MAX, max(0.05, backoff * 2))
+                backoff = _next_backoff(backoff)
                 await asyncio.sleep(backoff)
 
     async def _catch_up(self) -> None:
