@@ -293,6 +293,10 @@ class State(_Strict):
     max_outbox: int = Field(
         default=50_000, ge=100, description="picks buffered while Redis is unreachable; older ones are dropped"
     )
+    share_scrapes: bool = Field(
+        default=True,
+        description="replicas share their /metrics scrapes, so each endpoint is scraped by one replica, not all",
+    )
 
     @field_validator("url")
     @classmethod

@@ -23,10 +23,11 @@ from typing import Any
 import pytest
 
 from extproc import config as cfg
+from extproc.datalayer.scrape import VllmLoad
 from extproc.datalayer.table import EndpointTable
 from extproc.local.procs import free_port, port_free
 from extproc.scheduling import RoutingRequest, Scheduler
-from extproc.state.records import decode_batch, encode_batch
+from extproc.state.records import Load, decode_batch, decode_loads, encode_batch, encode_loads
 from extproc.state.replicator import Replicator
 
 POOL, MODEL = "pool", "m"
@@ -171,6 +172,17 @@ def test_batches_round_trip_and_anything_else_is_rejected() -> None:
             decode_batch(bad)
 
 
+def test_loads_round_trip_and_bad_ones_are_rejected() -> None:
+    loads = [Load("10.0.0.1:8000", 3.0, 7.0, 0.25, 16_000, 1e9), Load("[::1]:80", 0.0, 0.0, 0.0, None, 2.5)]
+    data = encode_loads(loads)
+    assert decode_loads(data) == loads
+    nan = encode_loads([Load("a", float("nan"), 0.0, 0.0, None, 1.0)])
+    negative = encode_loads([Load("a", 0.0, -1.0, 0.0, None, 1.0)])
+    for bad in (b"", b"\x02" + data[1:], data[:-1], data + b"x", nan, negative):
+        with pytest.raises(ValueError):
+            decode_loads(bad)
+
+
 def test_a_shared_pick_teaches_another_scheduler_the_same_prefix() -> None:
     a, b = Replica(config(), "a"), Replica(config(), "b")
     a.scheduler.share(100)
@@ -232,6 +244,33 @@ def test_picks_reach_the_other_replica_and_a_new_replica_warms_up_before_ready(r
             finally:
                 await c.replicator.stop()
             print(f"replicated in {took * 1000:.0f} ms")
+        finally:
+            await a.replicator.stop()
+            await b.replicator.stop()
+
+    asyncio.run(main())
+
+
+def test_scrapes_are_shared_one_replica_per_endpoint_and_the_next_takes_over(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        conf = config(redis_server.url)
+        interval = conf.scrape.interval
+        a, b = Replica(conf, "a"), Replica(conf, "b")
+        await a.replicator.start()
+        await b.replicator.start()
+        try:
+            # b ranks first for some endpoints, a for the others: a's scrapes make b skip only where a ranks first
+            a_first = [x for x in ADDRESSES if a.replicator.rank(b"a", x) < b.replicator.rank(b"b", x)]
+            assert 0 < len(a_first) < len(ADDRESSES), "pick replica names that split these endpoints"
+            for address in ADDRESSES:
+                a.replicator.scraped(address, VllmLoad(waiting=5.0, running=3.0, kv_usage=0.5, series=1))
+            await until(lambda: b.replicator.stats.loads_applied == len(ADDRESSES), 5, "b to apply a's scrapes")
+            assert all(e.waiting == 5.0 and e.pending == 0 for e in b.table.pool_endpoints(POOL))
+            assert [x for x in ADDRESSES if b.replicator.covered(x)] == a_first
+            assert not any(a.replicator.covered(x) for x in ADDRESSES)  # b published nothing
+            # a goes quiet (stopped, crashed, cut off): b scrapes those endpoints itself again
+            await asyncio.sleep(4 * interval + 0.02)
+            assert not any(b.replicator.covered(x) for x in ADDRESSES)
         finally:
             await a.replicator.stop()
             await b.replicator.stop()

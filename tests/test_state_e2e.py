@@ -55,6 +55,33 @@ def follow_ups_on_the_first_replica(stack: Stack, shared: bool) -> tuple[int, li
     return same, [handled(b) for b in bases]
 
 
+def scrapes_shared_between(bases: list[str], addresses: list[str]) -> None:
+    """Over one second, each endpoint is scraped by one picker; the other uses its figures (share_scrapes)."""
+
+    def counts() -> list[dict[tuple[str, str], float]]:
+        return [
+            {
+                (a, r): v
+                for k, v in metrics(b).items()
+                for a in addresses
+                for r in ("success", "shared")
+                if f"endpoint={a}," in k and f"result={r}" in k
+            }
+            for b in bases
+        ]
+
+    before = counts()
+    time.sleep(1.0)
+    after = counts()
+    for address in addresses:
+        delta = [
+            {r: page[address, r] - old[address, r] for r in ("success", "shared")}
+            for old, page in zip(before, after, strict=True)
+        ]
+        skipping = [d for d in delta if d["shared"] > 4 * d["success"]]
+        assert len(skipping) == 1, f"{address}: not scraped by exactly one picker: {delta}"
+
+
 def test_two_replicas_keep_affinity_with_redis_and_lose_it_without(tmp_path: Path) -> None:
     if shutil.which("redis-server") is None:
         pytest.skip(f"redis-server not installed: {INSTALL_HINT}")
@@ -68,6 +95,8 @@ def test_two_replicas_keep_affinity_with_redis_and_lose_it_without(tmp_path: Pat
             try:
                 time.sleep(0.3)  # a few scrapes, so every endpoint has a fresh snapshot
                 results[backend] = follow_ups_on_the_first_replica(stack, shared=backend == "redis")
+                if backend == "redis":
+                    scrapes_shared_between(picker_bases(stack), [r.address for r in stack.sims["1b"]])
             finally:
                 stack.stop()
     finally:

@@ -186,7 +186,7 @@ def test_label_cardinality_does_not_grow_with_requests(stack: Stack) -> None:
         "route": {"1b-by-path", "3b-by-path", "ab-test-split", "by-model"},
         "outcome": {"picked", "fallback", "400", "404", "413", "429", "503"},
         "error_code": {"400", "404", "413", "429", "503"},
-        "result": {"success", "timeout", "connect", "status", "parse"},
+        "result": {"success", "shared", "timeout", "connect", "status", "parse"},
     }
     for name, (_t, samples) in after.items():
         for _n, labels, _v in samples:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import grpc
 import yaml
 
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-from extproc.local.procs import Child, extproc_argv, free_port
+from extproc.local.procs import Child, extproc_argv, free_port, free_ports, port_free
 from tests.helpers import metrics
 from tests.test_server_grpc import body, chat, headers
 
@@ -35,9 +36,7 @@ def children_of(pid: int) -> list[int]:
 
 def test_two_workers_share_the_port_and_each_serves_its_own_metrics(tmp_path: Path) -> None:
     port = free_port()
-    metrics_port = free_port()
-    while metrics_port + 1 == port or not _free(metrics_port + 1):
-        metrics_port = free_port()
+    metrics_port = free_ports(2)
     config = {
         "server": {"listen": f"127.0.0.1:{port}", "metrics_listen": f"127.0.0.1:{metrics_port}", "grace_period": 1},
         "pools": [{"name": "a", "models": ["model-a"], "endpoints": {"static": ["127.0.0.1:1", "127.0.0.1:2"]}}],
@@ -74,19 +73,52 @@ def test_two_workers_share_the_port_and_each_serves_its_own_metrics(tmp_path: Pa
     assert all(not Path(f"/proc/{pid}").exists() for pid in workers[1:]), "a worker outlived the parent"
 
 
-def _free(port: int) -> bool:
-    from extproc.local.procs import port_free
-
-    return port_free(port)
-
-
-def test_workers_need_a_tcp_port(tmp_path: Path) -> None:
+def _config(tmp_path: Path, listen: str, metrics_listen: str) -> Path:
     config = {
-        "server": {"listen": "unix:/tmp/x.sock"},
+        "server": {"listen": listen, "metrics_listen": metrics_listen, "grace_period": 1},
         "pools": [{"name": "a", "models": ["m"], "endpoints": {"static": ["127.0.0.1:1"]}}],
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_worker_metrics_port_in_use_is_an_error_naming_it_not_a_restart_loop(tmp_path: Path) -> None:
+    port, metrics_port = free_port(), free_ports(2)
+    path = _config(tmp_path, f"127.0.0.1:{port}", f"127.0.0.1:{metrics_port}")
+    with socket.socket() as holder:  # another program holds worker 1's metrics port
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", metrics_port + 1))
+        holder.listen()
+        parent = Child("workers", extproc_argv("serve", "--config", str(path), "--workers", "2"), tmp_path)
+        assert parent.proc.wait(30) == 2
+        parent.stop()
+        assert f"127.0.0.1:{metrics_port + 1} is in use" in parent.log_path.read_text()
+
+        # The same worker started alone (as when the port is taken between the check and the start): it
+        # says which address, exits 2, and leaves the gRPC port it had bound free again.
+        worker = Child(
+            "worker", extproc_argv("serve", "--config", str(path), "--workers", "2", "--worker-index", "1"), tmp_path
+        )
+        assert worker.proc.wait(30) == 2
+        worker.stop()
+        assert f"cannot serve metrics on 127.0.0.1:{metrics_port + 1}" in worker.log_path.read_text()
+        assert port_free(port)
+
+
+def test_a_worker_that_cannot_start_stops_all_workers(tmp_path: Path) -> None:
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine: binding it fails (nothing is sent anywhere).
+    path = _config(tmp_path, f"192.0.2.1:{free_port()}", f"127.0.0.1:{free_ports(2)}")
+    parent = Child("workers", extproc_argv("serve", "--config", str(path), "--workers", "2"), tmp_path)
+    assert parent.proc.wait(30) == 2
+    parent.stop()
+    log = parent.log_path.read_text()
+    assert "cannot listen on 192.0.2.1" in log and "stopping all workers" in log
+    assert "starting it again" not in log
+
+
+def test_workers_need_a_tcp_port(tmp_path: Path) -> None:
+    path = _config(tmp_path, "unix:/tmp/x.sock", f"127.0.0.1:{free_port()}")
     child = Child("workers", extproc_argv("serve", "--config", str(path), "--workers", "2"), tmp_path)
     assert child.proc.wait(30) == 2
     child.stop()

@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     from extproc.bench.machine import describe, summary_line
-    from extproc.local.procs import Child, extproc_argv, free_port, port_free, start_sim
+    from extproc.local.procs import Child, extproc_argv, free_port, free_ports, start_sim
 
     cases = [int(x) for x in args.workers.split(",") if x.strip()]
     log_dir = Path(tempfile.mkdtemp(prefix="extproc-bench-picker-"))
@@ -74,9 +74,7 @@ def run(args: argparse.Namespace) -> int:
             f"{'per worker':>16}"
         )
         for workers in cases:
-            listen, metrics = free_port(), free_port()
-            while not all(port_free(metrics + k) for k in range(workers)):  # worker k serves metrics + k
-                metrics = free_port()
+            listen, metrics = free_port(), free_ports(workers)  # worker k serves metrics + k
             config = {
                 "server": {"listen": f"127.0.0.1:{listen}", "metrics_listen": f"127.0.0.1:{metrics}"},
                 "pools": [{"name": "bench", "models": [MODEL], "endpoints": {"static": sims}}],

@@ -18,7 +18,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -162,6 +162,7 @@ class ScrapeStats:
     last_duration: float = 0.0  # seconds, of the latest attempt
     last_success_at: float | None = None  # monotonic
     next_delay: float = 0.0  # current wait between attempts (grows while failing)
+    shared: int = 0  # rounds skipped because another replica's scrape of it had just arrived (share_scrapes)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -175,6 +176,7 @@ class ScrapeStats:
             "last_duration": self.last_duration,
             "last_success_at": self.last_success_at,
             "next_delay": self.next_delay,
+            "shared": self.shared,
         }
 
 
@@ -204,6 +206,14 @@ class Scraper:
         self._ending: set[asyncio.Task[None]] = set()
         self._unsubscribe: list[Any] = []
         self.stats: dict[str, ScrapeStats] = {}
+        self._covered: Callable[[str], bool] | None = None
+        self._scraped: Callable[[str, VllmLoad], None] | None = None
+
+    def share(self, covered: Callable[[str], bool], scraped: Callable[[str, VllmLoad], None]) -> None:
+        """Share scrapes with other replicas: skip a round while ``covered(address)`` (another replica's
+        scrape of it is fresh), and hand every good scrape to ``scraped``."""
+        self._covered = covered
+        self._scraped = scraped
 
     # ----- lifecycle --------------------------------------------------------------------------
 
@@ -285,7 +295,11 @@ class Scraper:
         next_at = loop.time()
         first = True
         while True:
-            ok = await self._scrape_once(address, url, stats)
+            if self._covered is not None and self._covered(address):
+                stats.shared += 1  # another replica's figures arrived in time: nothing to do this round
+                ok = True
+            else:
+                ok = await self._scrape_once(address, url, stats)
             now = loop.time()
             if ok:
                 delay = interval
@@ -324,6 +338,8 @@ class Scraper:
             state.scraped_at = now
             state.scrape_ok = True
             state.pending = 0
+        if self._scraped is not None:
+            self._scraped(address, load)
         stats.successes += 1
         stats.last_duration = now - started
         stats.last_success_at = now

@@ -58,6 +58,8 @@ class App:
             if config.state.backend == "redis"
             else None
         )
+        if self.replicator is not None and config.state.share_scrapes:
+            self.scraper.share(self.replicator.covered, self.replicator.scraped)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.bound_port: int | None = None
@@ -66,6 +68,14 @@ class App:
             self.table.on_changed(lambda pool, addresses: write_eds(eds_dir, pool, addresses))
 
     async def start(self) -> None:
+        """Start everything; if any part cannot start (a port in use), stop what did and raise."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+
+    async def _start(self) -> None:
         await self.discovery.start()
         await self.scraper.start()
         # Whole request bodies arrive in one message: the gRPC limit must exceed the body limit.
@@ -123,15 +133,15 @@ class App:
                 self._config_mtime = mtime
                 self.reload()
 
-    async def stop(self) -> None:
-        """Graceful: report not-serving, stop accepting, let in-flight streams finish, then stop."""
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: report not-serving, stop accepting, let in-flight streams finish (``grace``), then stop."""
         if self._reload_task is not None:
             self._reload_task.cancel()
         for name in HEALTH_SERVICES:
             if name != "liveness":
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server is not None:
-            await self.server.stop(self.config.server.grace_period)
+            await self.server.stop(self.config.server.grace_period if grace is None else grace)
         if self.replicator is not None:
             await self.replicator.stop()
         await self.scraper.stop()

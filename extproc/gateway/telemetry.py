@@ -157,7 +157,10 @@ class Telemetry:
 
     def serve(self, listen: str) -> None:
         host, port = parse_host_port(listen, "metrics_listen")
-        start_http_server(port, addr=host, registry=self.registry)
+        try:
+            start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise OSError(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from None
 
 
 SCRAPE_RESULTS = ("timeout", "connect", "status", "parse")
@@ -212,7 +215,8 @@ class StateCollector:
         )
         scrapes = CounterMetricFamily(
             "extproc_endpoint_scrapes",
-            "Scrapes of the endpoint's /metrics by result (success, timeout, connect, status, parse).",
+            "Scrapes of the endpoint's /metrics by result (success, timeout, connect, status, parse; shared: "
+            "skipped, another replica's scrape had just arrived).",
             labels=[*labels, "result"],
         )
         per_pod_queue = GaugeMetricFamily(
@@ -248,6 +252,7 @@ class StateCollector:
                 s = stats.get(e.address)
                 if s is not None:
                     scrapes.add_metric([*values, "success"], s.successes)
+                    scrapes.add_metric([*values, "shared"], s.shared)
                     by_kind = dict(s.errors_by_kind)
                     for result in SCRAPE_RESULTS:
                         scrapes.add_metric([*values, result], by_kind.get(result, 0))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from extproc.config import Config, parse_host_port
 log = logging.getLogger("extproc")
 
 RESTART_DELAY = 1.0  # seconds before a worker that died is started again
+START_ERROR = 2  # a worker's exit code for "cannot start" (bad config, a port in use): restarting cannot help
 
 
 def metrics_listen(config: Config, index: int) -> str:
@@ -44,8 +46,34 @@ def check_workers(config: Config, workers: int) -> str | None:
     return None
 
 
+def metrics_ports_in_use(config: Config, workers: int) -> str | None:
+    """Which of the workers' metrics ports another process holds (None if all are free), as an error."""
+    for i in range(workers):
+        listen = metrics_listen(config, i)
+        if not _can_listen(listen):
+            what = "server.metrics_listen" if i == 0 else f"worker {i}'s metrics port (server.metrics_listen + {i})"
+            return f"{what}: {listen} is in use; choose a metrics port with the next {workers - 1} free too"
+    return None
+
+
+def _can_listen(listen: str) -> bool:
+    host, port = parse_host_port(listen, "metrics_listen")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the metrics server binds
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def supervise(config: Config, config_path: Path, workers: int) -> int:
-    """Run ``workers`` worker processes until SIGTERM/SIGINT; restart any that dies meanwhile."""
+    """Run ``workers`` worker processes until SIGTERM/SIGINT; restart any that dies meanwhile.
+
+    A worker that exits with a start error (a port in use, say) stops them all with that error: restarting it
+    would only bind and drop the shared gRPC port over and over, losing the connections the kernel hands it.
+    """
     if config.state.backend != "redis":
         log.warning(
             "--workers %d without state.backend: redis: each worker keeps its own prefix index, so a tenant's "
@@ -53,6 +81,10 @@ def supervise(config: Config, config_path: Path, workers: int) -> int:
             workers,
             workers,
         )
+    problem = metrics_ports_in_use(config, workers)
+    if problem:
+        print(f"extproc serve: {problem}", file=sys.stderr)
+        return START_ERROR
     stopping = False
 
     def stop(_signum: int, _frame: object) -> None:
@@ -73,6 +105,9 @@ def supervise(config: Config, config_path: Path, workers: int) -> int:
             time.sleep(0.2)
             for i, proc in list(procs.items()):
                 code = proc.poll()
+                if code == START_ERROR and not stopping:
+                    log.error("worker %d could not start (its error is above); stopping all workers", i)
+                    return START_ERROR
                 if code is not None and not stopping:
                     log.error(
                         "worker %d (pid %d) exited with %s; starting it again in %.0fs",

@@ -21,6 +21,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive free ports (`serve --workers N` serves metrics on port + i)."""
+    while True:
+        first = free_port(host)
+        if first + count <= 65536 and all(port_free(first + i, host) for i in range(count)):
+            return first
+
+
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether a server could listen on ``port`` now (connections in TIME_WAIT do not count, as for servers)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from extproc.config import Config, parse_config, parse_host_port
-from extproc.local.procs import Child, extproc_argv, free_port, start_sim
+from extproc.local.procs import Child, extproc_argv, free_port, free_ports, start_sim
 
 
 def local_address(listen: str) -> str:
@@ -64,7 +64,7 @@ class Stack:
     # pickers beyond the first (``start_stack(pickers=N)``): their config files (own ports) and processes
     more_configs: list[tuple[Config, Path]] = field(default_factory=list)
     more_pickers: list[Child] = field(default_factory=list)
-    picker_args: tuple[str, ...] = ()  # extra `extproc serve` options for every picker (e.g. --workers 2)
+    workers: int = 1  # `extproc serve --workers N` per picker: worker i serves metrics on the metrics port + i
 
     @property
     def pickers(self) -> list[Child]:
@@ -98,20 +98,20 @@ class Stack:
 
     def start_extproc(self) -> Child:
         """Start the picker (and any more pickers of ``start_stack(pickers=N)``); returns the first."""
-        argv = extproc_argv("serve", "--config", str(self.config_path), *self.picker_args)
-        child = Child("extproc", argv, self.log_dir)
-        try:
-            child.wait_http(self.metrics_url)
-        except BaseException:
-            child.stop()
-            raise
-        self.extproc = child
-        for i, (config, path) in enumerate(self.more_configs, start=2):
-            argv = extproc_argv("serve", "--config", str(path), *self.picker_args)
-            more = Child(f"extproc-{i}", argv, self.log_dir)
-            self.more_pickers.append(more)
-            more.wait_http(f"http://{local_address(config.server.metrics_listen)}/metrics")
-        return child
+        for i, (config, path) in enumerate([(self.config, self.config_path), *self.more_configs], start=1):
+            argv = extproc_argv("serve", "--config", str(path))
+            if self.workers > 1:
+                argv += ["--workers", str(self.workers)]
+            child = Child("extproc" if i == 1 else f"extproc-{i}", argv, self.log_dir)
+            if i == 1:
+                self.extproc = child
+            else:
+                self.more_pickers.append(child)
+            host, _, port = local_address(config.server.metrics_listen).rpartition(":")  # [v6] keeps its brackets
+            for k in range(self.workers):  # every worker ready, not only the first
+                child.wait_http(f"http://{host}:{int(port) + k}/metrics")
+        assert self.extproc is not None
+        return self.extproc
 
     def stop(self) -> None:
         """Stop everything this stack started, by PID, Envoy first so no request meets a dead upstream."""
@@ -134,13 +134,14 @@ def start_stack(
     metrics_port: int | None = None,
     bootstrap_options: dict[str, Any] | None = None,
     pickers: int = 1,
-    picker_args: Sequence[str] = (),
+    workers: int = 1,
 ) -> Stack:
     """Start simulators for ``pools``, then the ext_proc (unless ``with_extproc`` is False), then Envoy.
 
     ``settings`` are extra top-level config sections (scheduler, scrape, limits, state) merged over
     the defaults. With ``pickers`` above 1, that many `extproc serve` replicas run the same configuration
-    on their own ports, and Envoy's ext_proc cluster holds them all. If anything fails to start, whatever did
+    on their own ports, and Envoy's ext_proc cluster holds them all; with ``workers`` above 1 each of them is an
+    `extproc serve --workers N` (metrics ports allocated in blocks of N). If anything fails to start, whatever did
     start is stopped before the error propagates.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +159,7 @@ def start_stack(
         data: dict[str, Any] = {
             "server": {
                 "listen": f"127.0.0.1:{extproc_port or free_port()}",
-                "metrics_listen": f"127.0.0.1:{metrics_port or free_port()}",
+                "metrics_listen": f"127.0.0.1:{metrics_port or free_ports(workers)}",
                 "grace_period": 2,
             },
             "pools": [
@@ -185,13 +186,13 @@ def start_stack(
             gateway_port=gateway_port or free_port(),
             admin_port=admin_port or free_port(),
             sims=sims,
-            picker_args=tuple(picker_args),
+            workers=workers,
         )
         for i in range(2, pickers + 1):
             server = {
                 **data["server"],
                 "listen": f"127.0.0.1:{free_port()}",
-                "metrics_listen": f"127.0.0.1:{free_port()}",
+                "metrics_listen": f"127.0.0.1:{free_ports(workers)}",
             }
             more = {**data, "server": server}
             path = log_dir / f"config-{i}.yaml"

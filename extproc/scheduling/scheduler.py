@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from extproc import config as cfg
@@ -77,6 +77,7 @@ class Scheduler:
         # (pool, address, [(plugin, record)]) per pick while sharing is on; None: local state only
         self._outbox: deque[tuple[str, str, list[tuple[SharesState, Any]]]] | None = None
         self.shared_dropped = 0  # picks the outbox lost (full while nobody took them)
+        self._on_first_shared: Callable[[], None] | None = None
 
     @classmethod
     def from_config(cls, config: cfg.Config, rng: random.Random | None = None) -> Scheduler:
@@ -123,6 +124,8 @@ class Scheduler:
             learner.on_picked(ctx, picked)
         outbox = self._outbox
         if outbox is not None:
+            if not outbox and self._on_first_shared is not None:
+                self._on_first_shared()
             if len(outbox) == outbox.maxlen:
                 self.shared_dropped += 1
             records = [(p, r) for p in self._sharers.values() if (r := p.shared_record(ctx, picked)) is not None]
@@ -134,9 +137,13 @@ class Scheduler:
             scores=dict(zip([e.address for e in candidates], totals, strict=True)),
         )
 
-    def share(self, max_outbox: int) -> None:
-        """Keep what every pick teaches (up to ``max_outbox`` picks) for ``take_shared``: replicas share it."""
+    def share(self, max_outbox: int, on_first: Callable[[], None] | None = None) -> None:
+        """Keep what every pick teaches (up to ``max_outbox`` picks) for ``take_shared``: replicas share it.
+
+        ``on_first`` is called when a pick lands in an empty outbox, so a publisher can sleep while idle.
+        """
         self._outbox = deque(maxlen=max_outbox)
+        self._on_first_shared = on_first
 
     def take_shared(self) -> list[tuple[str, str, list[tuple[str, bytes]]]]:
         """The picks since the last call, each as (pool, address, [(plugin kind, encoded record)]), oldest first."""

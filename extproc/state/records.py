@@ -8,12 +8,21 @@ detected instead of misread::
     batch  := u8 version | u32 picks | pick*
     pick   := u16 len | pool | u16 len | address | u8 records | record*
     record := u8 len | kind | u32 len | payload
+
+Replicas also share what they scraped (``state.share_scrapes``), so an endpoint is scraped by one replica
+rather than by all of them; an entry's loads are a separate field::
+
+    loads  := u8 version | u16 count | load*
+    load   := u16 len | address | f64 waiting | f64 running | f64 kv_usage | i64 cache_tokens (-1: unknown)
+              | f64 scraped (wall clock)
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
+from typing import NamedTuple
 
 VERSION = 1
 _HEAD = struct.Struct("<BI")
@@ -21,7 +30,55 @@ _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 
+_LOAD = struct.Struct("<dddqd")
+
 Pick = tuple[str, str, list[tuple[str, bytes]]]  # pool, address, [(kind, payload)]
+
+
+class Load(NamedTuple):
+    """One scrape's figures, as another replica applies them."""
+
+    address: str
+    waiting: float
+    running: float
+    kv_usage: float
+    cache_tokens: int | None
+    scraped: float  # wall clock (time.time) when the scrape finished
+
+
+def encode_loads(loads: Sequence[Load]) -> bytes:
+    out = [_U8.pack(VERSION), _U16.pack(len(loads))]
+    for load in loads:
+        raw = load.address.encode()
+        tokens = -1 if load.cache_tokens is None else load.cache_tokens
+        out += (_U16.pack(len(raw)), raw, _LOAD.pack(load.waiting, load.running, load.kv_usage, tokens, load.scraped))
+    return b"".join(out)
+
+
+def decode_loads(data: bytes) -> list[Load]:
+    """The loads of an entry; ValueError if they are not (another version, truncated, non-finite figures)."""
+    view = memoryview(data)
+    try:
+        (version,) = _U8.unpack_from(view, 0)
+        if version != VERSION:
+            raise ValueError(f"loads version {version}, expected {VERSION}")
+        (count,) = _U16.unpack_from(view, 1)
+        at = 3
+        loads = []
+        for _ in range(count):
+            (n,) = _U16.unpack_from(view, at)
+            address = _text(view, at + 2, n)
+            at += 2 + n
+            waiting, running, kv_usage, tokens, scraped = _LOAD.unpack_from(view, at)
+            at += _LOAD.size
+            if not all(math.isfinite(x) and x >= 0 for x in (waiting, running, kv_usage, scraped)):
+                raise ValueError("a load figure is negative or not finite")
+            loads.append(Load(address, waiting, running, kv_usage, None if tokens < 0 else tokens, scraped))
+    except struct.error as exc:
+        raise ValueError(f"truncated loads: {exc}") from None
+    if at != len(view):
+        raise ValueError(f"{len(view) - at} bytes after the last load")
+    return loads
 
 
 def encode_batch(picks: Sequence[Pick]) -> bytes:

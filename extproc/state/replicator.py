@@ -8,6 +8,10 @@ counts): a decision never waits for Redis. In the background this replica
 - reads every other replica's entries as they arrive (``XREAD BLOCK`` from the last entry it saw) and
   applies them: the plugins' records (``Scheduler.apply_shared``), and one ``pending`` request on the
   endpoint when the pick is younger than a scrape interval (an older one is in the scrape already);
+- with ``share_scrapes``, publishes its scrapes too and skips scraping an endpoint while a replica that
+  ranks before it for that endpoint (rendezvous hashing over replica name and address) has just published
+  one: each endpoint is scraped by one replica instead of all, and by the next one within
+  ``COVER_INTERVALS`` scrape intervals when that one goes quiet;
 - on start, reads the stream's history before it reports ready (at most ``warmup_timeout``), so a new or
   restarted replica starts with what the others know.
 
@@ -35,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import xxhash
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -42,9 +47,10 @@ from redis.exceptions import RedisError
 
 from extproc.config import Config
 from extproc.state import connect
-from extproc.state.records import Pick, decode_batch, encode_batch
+from extproc.state.records import Load, Pick, decode_batch, decode_loads, encode_batch, encode_loads
 
 if TYPE_CHECKING:
+    from extproc.datalayer.scrape import VllmLoad
     from extproc.datalayer.table import EndpointTable
     from extproc.scheduling.scheduler import Scheduler
 
@@ -55,6 +61,7 @@ READ_COUNT = 500  # entries per XREAD / XRANGE
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BACKOFF_MAX = 2.0  # seconds between attempts while Redis does not answer: resumes within 2 s of its return
 ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+COVER_INTERVALS = 4.0  # another replica's scrape stands in for ours this many scrape intervals after it arrives
 
 
 def _next_backoff(backoff: float) -> float:
@@ -79,6 +86,8 @@ class ReplicationStats:
     warmup_seconds: float | None = None
     warmup_entries: int = 0
     outbox: int = 0  # picks waiting to be published
+    loads_published: int = 0  # scrapes shared with the other replicas
+    loads_applied: int = 0  # other replicas' scrapes applied here
     last_error: str = ""
 
 
@@ -104,6 +113,10 @@ class Replicator:
         self._clock = clock
         self.stats = ReplicationStats()
         self._outbox: deque[Pick] = deque(maxlen=self.settings.max_outbox)
+        self._loads: dict[str, Load] = {}  # the latest scrape of each endpoint, until published
+        self._covered_at: dict[str, float] = {}  # address -> monotonic arrival of a better-ranked replica's scrape
+        self._ranks: dict[str, int] = {}  # address -> this replica's rank for it (lower scrapes)
+        self._wake = asyncio.Event()  # something to publish
         self._client: Any = None
         self._last_id: bytes | None = None  # the last stream entry applied; None until the history is read
         self._tasks: list[asyncio.Task[None]] = []
@@ -118,7 +131,7 @@ class Replicator:
 
     async def start(self) -> None:
         """Start sharing; return once the stream's history is applied, or after ``warmup_timeout``."""
-        self.scheduler.share(self.settings.max_outbox)
+        self.scheduler.share(self.settings.max_outbox, on_first=self._wake.set)
         self._client = connect.client(self.settings)
         started = time.monotonic()
         try:
@@ -155,15 +168,62 @@ class Replicator:
     # ----- publishing -------------------------------------------------------------------------------
 
     async def _publish_loop(self) -> None:
+        """Sleep until a pick or a scrape is waiting, gather for ``publish_interval``, publish one batch."""
         backoff = 0.0
         while True:
+            await self._wake.wait()
             await asyncio.sleep(max(self.settings.publish_interval, backoff))
+            self._wake.clear()  # before taking: a pick made during the flush wakes the next round
             try:
                 await self._flush()
                 backoff = 0.0
             except ERRORS as exc:
                 self._down(exc)
                 backoff = _next_backoff(backoff)
+                self._wake.set()  # the outbox still holds them: try again after the back-off
+
+    # ----- shared scrapes (Scraper.share) -------------------------------------------------------------
+
+    def scraped(self, address: str, load: VllmLoad) -> None:
+        """This replica scraped ``address``: publish the figures with the next batch of picks, or within one
+        scrape interval when no picks flow (an entry per scrape would cost more than the scrape saves)."""
+        if not self._loads:
+            asyncio.get_running_loop().call_later(self.scrape_interval, self._wake.set)
+        self._loads[address] = Load(
+            address, load.waiting, load.running, load.kv_usage, load.cache_tokens, self._clock()
+        )
+
+    def covered(self, address: str) -> bool:
+        """Whether a better-ranked replica's scrape of ``address`` arrived recently enough to skip ours."""
+        at = self._covered_at.get(address)
+        return at is not None and time.monotonic() - at < COVER_INTERVALS * self.scrape_interval
+
+    def rank(self, replica: bytes, address: str) -> int:
+        """A replica's place for scraping ``address`` (lowest first): the same everywhere, different per address."""
+        return xxhash.xxh64_intdigest(replica + b"|" + address.encode())  # not CRC: it is linear in its seed
+
+    def _apply_loads(self, origin: bytes, loads: list[Load]) -> None:
+        now, wall = time.monotonic(), self._clock()
+        for load in loads:
+            states = self.table.states_for(load.address)
+            if not states:  # not (yet) in this replica's pools
+                continue
+            mine = self._ranks.get(load.address)
+            if mine is None:
+                mine = self._ranks[load.address] = self.rank(self._name_bytes, load.address)
+            if self.rank(origin, load.address) < mine:
+                self._covered_at[load.address] = now
+            scraped_at = now - max(0.0, wall - load.scraped)
+            for state in states:
+                if state.scraped_at is None or scraped_at > state.scraped_at:
+                    state.waiting = load.waiting
+                    state.running = load.running
+                    state.kv_usage = load.kv_usage
+                    state.cache_tokens = load.cache_tokens
+                    state.scraped_at = scraped_at
+                    state.scrape_ok = True
+                    state.pending = 0
+            self.stats.loads_applied += 1
 
     async def _flush(self) -> None:
         outbox = self._outbox
@@ -173,14 +233,25 @@ class Replicator:
             outbox.append(pick)
         self.stats.dropped += self.scheduler.shared_dropped
         self.scheduler.shared_dropped = 0
-        while outbox:
+        loads = list(self._loads.values())
+        while outbox or loads:
             batch = list(itertools.islice(outbox, BATCH_PICKS))
-            fields = {b"r": self._name_bytes, b"t": repr(self._clock()).encode(), b"b": encode_batch(batch)}
+            fields = {b"r": self._name_bytes, b"t": repr(self._clock()).encode()}
+            if batch:
+                fields[b"b"] = encode_batch(batch)
+            if loads:
+                fields[b"l"] = encode_loads(loads)
             self.stats.outbox = len(outbox)
             await self._client.xadd(self.settings.key, fields, maxlen=self.settings.max_entries, approximate=True)
             for _ in batch:
                 outbox.popleft()
             self.stats.published += len(batch)
+            if loads:
+                self.stats.loads_published += len(loads)
+                for load in loads:
+                    if self._loads.get(load.address) is load:  # not replaced by a newer scrape meanwhile
+                        del self._loads[load.address]
+                loads = []
             self._up()
         self.stats.outbox = 0
 
@@ -228,13 +299,18 @@ class Replicator:
             return
         try:
             sent = float(fields[b"t"])
-            picks = decode_batch(fields[b"b"])
+            if b"b" not in fields and b"l" not in fields:
+                raise KeyError("neither picks nor loads")
+            picks = decode_batch(fields[b"b"]) if b"b" in fields else []
+            loads = decode_loads(fields[b"l"]) if live and b"l" in fields else []  # old scrapes: no use
         except (KeyError, ValueError):
             self.stats.rejected += 1
             return
         age = max(0.0, self._clock() - sent)
         if live:
             self.lag.observe(age)
+        if loads:
+            self._apply_loads(origin or b"", loads)
         fresh = live and age < self.scrape_interval
         table, scheduler, stats = self.table, self.scheduler, self.stats
         for pool, address, records in picks:
@@ -291,6 +367,8 @@ class _StatsCollector:
         for name, value, text in (
             ("published_picks", s.published, "Picks this replica published."),
             ("applied_picks", s.applied, "Other replicas' picks applied here."),
+            ("published_loads", s.loads_published, "Scrapes this replica shared (state.share_scrapes)."),
+            ("applied_loads", s.loads_applied, "Other replicas' scrapes applied here."),
             ("dropped_picks", s.dropped, "Picks never published: the outbox was full while Redis was away."),
             ("rejected_records", s.rejected, "Stream entries or records skipped as corrupt or foreign."),
             ("unknown_endpoint_picks", s.unknown_endpoint, "Shared picks of endpoints this replica does not know."),

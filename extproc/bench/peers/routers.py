@@ -155,8 +155,7 @@ def _start_gateway(spec: RouterSpec, setup: SimSetup, log_dir: Path, settings: d
         settings = {**settings, "state": {**settings.get("state", {}), "backend": "redis", "url": url}}
     try:
         pools = [PoolSpec("bench", MODEL, setup.replicas, setup.args())]
-        workers = ("--workers", str(spec.workers)) if spec.workers > 1 else ()
-        stack = start_stack(log_dir, pools, settings=settings, pickers=spec.pickers, picker_args=workers)
+        stack = start_stack(log_dir, pools, settings=settings, pickers=spec.pickers, workers=spec.workers)
     except BaseException:
         if redis is not None:
             redis.stop()
