@@ -284,7 +284,7 @@ class State(_Strict):
         default=20_000, ge=100, description="entries (batches of picks) the stream keeps: the warm-up history"
     )
     publish_interval: float = Field(
-        default=0.005, gt=0, le=1.0, description="seconds between batches a replica publishes"
+        default=0.005, gt=0, le=1.0, description="seconds a replica gathers picks into one batch before publishing"
     )
     warmup_timeout: float = Field(
         default=5.0, ge=0, description="seconds a starting replica may spend reading the history before it is ready"

@@ -251,6 +251,32 @@ def test_picks_reach_the_other_replica_and_a_new_replica_warms_up_before_ready(r
     asyncio.run(main())
 
 
+def test_an_idle_replica_publishes_nothing_and_a_pick_goes_out_at_once(redis_server: RedisServer) -> None:
+    def xadds() -> int:
+        stats = redis_server.cli("INFO", "commandstats")
+        line = next((x for x in stats.splitlines() if x.startswith("cmdstat_xadd:")), "calls=0,")
+        return int(line.split("calls=")[1].split(",")[0])
+
+    async def main() -> None:
+        conf = config(redis_server.url)
+        a, b = Replica(conf, "a"), Replica(conf, "b")
+        await a.replicator.start()
+        await b.replicator.start()
+        try:
+            before = xadds()
+            await asyncio.sleep(0.5)  # a hundred publish intervals with nothing to publish
+            assert xadds() == before
+            a.pick(DOCUMENT)
+            took = await until(lambda: b.replicator.stats.applied == 1, 5, "the pick to reach b")
+            assert xadds() == before + 1
+            assert took < 1.0  # woken by the pick, not by a slow timer
+        finally:
+            await a.replicator.stop()
+            await b.replicator.stop()
+
+    asyncio.run(main())
+
+
 def test_scrapes_are_shared_one_replica_per_endpoint_and_the_next_takes_over(redis_server: RedisServer) -> None:
     async def main() -> None:
         conf = config(redis_server.url)
@@ -268,6 +294,13 @@ def test_scrapes_are_shared_one_replica_per_endpoint_and_the_next_takes_over(red
             assert all(e.waiting == 5.0 and e.pending == 0 for e in b.table.pool_endpoints(POOL))
             assert [x for x in ADDRESSES if b.replicator.covered(x)] == a_first
             assert not any(a.replicator.covered(x) for x in ADDRESSES)  # b published nothing
+            # a scraping on (no picks to carry its figures): they keep arriving, b keeps skipping
+            for _ in range(10):
+                await asyncio.sleep(interval)
+                for address in ADDRESSES:
+                    a.replicator.scraped(address, VllmLoad(waiting=1.0, running=1.0, kv_usage=0.1, series=1))
+                assert [x for x in ADDRESSES if b.replicator.covered(x)] == a_first
+            await until(lambda: b.replicator.stats.loads_applied >= 5 * len(ADDRESSES), 5, "a's later scrapes")
             # a goes quiet (stopped, crashed, cut off): b scrapes those endpoints itself again
             await asyncio.sleep(4 * interval + 0.02)
             assert not any(b.replicator.covered(x) for x in ADDRESSES)

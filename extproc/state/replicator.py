@@ -117,6 +117,7 @@ class Replicator:
         self._covered_at: dict[str, float] = {}  # address -> monotonic arrival of a better-ranked replica's scrape
         self._ranks: dict[str, int] = {}  # address -> this replica's rank for it (lower scrapes)
         self._wake = asyncio.Event()  # something to publish
+        self._loads_timer = False  # a wake-up for the pending loads is scheduled
         self._client: Any = None
         self._last_id: bytes | None = None  # the last stream entry applied; None until the history is read
         self._tasks: list[asyncio.Task[None]] = []
@@ -187,11 +188,16 @@ class Replicator:
     def scraped(self, address: str, load: VllmLoad) -> None:
         """This replica scraped ``address``: publish the figures with the next batch of picks, or within one
         scrape interval when no picks flow (an entry per scrape would cost more than the scrape saves)."""
-        if not self._loads:
-            asyncio.get_running_loop().call_later(self.scrape_interval, self._wake.set)
+        if not self._loads_timer:
+            self._loads_timer = True
+            asyncio.get_running_loop().call_later(self.scrape_interval, self._loads_due)
         self._loads[address] = Load(
             address, load.waiting, load.running, load.kv_usage, load.cache_tokens, self._clock()
         )
+
+    def _loads_due(self) -> None:
+        self._loads_timer = False
+        self._wake.set()
 
     def covered(self, address: str) -> bool:
         """Whether a better-ranked replica's scrape of ``address`` arrived recently enough to skip ours."""
