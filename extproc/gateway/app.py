@@ -2,8 +2,8 @@
 
 The data layer (endpoint table, discovery, scraper, EDS files), the scheduler, the director, the
 gRPC server (ExternalProcessor + health), the metrics endpoint and, with ``state.backend: redis``, the
-replicator that shares picks with the other replicas; the config file is watched for new pool membership
-(and re-read on SIGHUP), which discovery applies.
+replicator that shares picks with the other replicas, and with ``precise_prefix`` the KV-event subscriber;
+the config file is watched for new pool membership (and re-read on SIGHUP), which discovery applies.
 """
 
 from __future__ import annotations
@@ -21,12 +21,15 @@ from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from extproc.config import Config, ConfigError, load_config
 from extproc.datalayer.discovery import Discovery
 from extproc.datalayer.eds import write_eds
+from extproc.datalayer.kv_events import KvEventsSubscriber
+from extproc.datalayer.render import RenderCollector
 from extproc.datalayer.scrape import Scraper
 from extproc.datalayer.table import EndpointTable
 from extproc.gateway.command import LOG_FORMAT
 from extproc.gateway.director import Director
 from extproc.gateway.server import SERVICE_NAME, ExternalProcessor
 from extproc.gateway.telemetry import StateCollector, Telemetry
+from extproc.scheduling.prefix.precise import PrecisePrefixScorer
 from extproc.scheduling.scheduler import Scheduler
 from extproc.state.replicator import Replicator
 
@@ -60,6 +63,12 @@ class App:
         )
         if self.replicator is not None and config.state.share_scrapes:
             self.scraper.share(self.replicator.covered, self.replicator.scraped)
+        precise = next((p for p in self.scheduler.plugins() if isinstance(p, PrecisePrefixScorer)), None)
+        self.kv_events = KvEventsSubscriber(precise, self.table) if precise is not None else None
+        if self.kv_events is not None:
+            self.telemetry.registry.register(self.kv_events)
+        if self.director.tokenizer is not None:
+            self.telemetry.registry.register(RenderCollector(self.director.tokenizer.stats))
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.bound_port: int | None = None
@@ -78,6 +87,8 @@ class App:
     async def _start(self) -> None:
         await self.discovery.start()
         await self.scraper.start()
+        if self.kv_events is not None:
+            await self.kv_events.start()
         # Whole request bodies arrive in one message: the gRPC limit must exceed the body limit.
         max_message = self.config.limits.grpc_message_bytes
         server = grpc.aio.server(
@@ -144,6 +155,10 @@ class App:
             await self.server.stop(self.config.server.grace_period if grace is None else grace)
         if self.replicator is not None:
             await self.replicator.stop()
+        if self.kv_events is not None:
+            await self.kv_events.stop()
+        if self.director.tokenizer is not None:
+            await self.director.tokenizer.close()
         await self.scraper.stop()
         await self.discovery.stop()
 

@@ -2,17 +2,21 @@
 
 The director resolves the request's pool, parses its body, asks the scheduler, rewrites the model
 name for the drawn pool and keeps the per-request metrics. It reads a `RequestContext` and answers with
-a `Route`, a `Reply` or None; it never sees a protobuf and never awaits anything.
+a `Route`, a `Reply` or None; it never sees a protobuf. It awaits nothing, except when a plugin scores the
+engine's tokens of the prompt (``precise_prefix``): then ``on_body_tokenized`` first asks an engine to
+render them (``extproc/datalayer/render.py``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import orjson
 
 from extproc import names
 from extproc.config import Config, Pool
+from extproc.datalayer.render import RenderTokenizer
 from extproc.datalayer.table import EndpointTable
 from extproc.gateway.context import Reply, RequestContext, Route
 from extproc.gateway.openai import ParsedRequest, RequestError, parse_body
@@ -34,6 +38,12 @@ class Director:
         self._pools = {p.name: p for p in config.pools}
         self._pool_by_model = {m: p for p in config.pools for m in p.models}
         self._max_body = config.limits.max_body_bytes
+        tokens_for = next((p for p in scheduler.plugins() if getattr(p, "needs_tokens", False)), None)
+        self.tokenizer = (
+            RenderTokenizer(table, tokens_for.render_timeout, tokens_for.render_cache)
+            if tokens_for is not None
+            else None
+        )
         created = int(time.time())
         listing = {
             "object": "list",
@@ -58,15 +68,33 @@ class Director:
         return self._decide(request, None)
 
     def on_body(self, request: RequestContext) -> Outcome:
+        parsed = self._parse(request)
+        return parsed if not isinstance(parsed, ParsedRequest) else self._decide(request, parsed)
+
+    async def on_body_tokenized(self, request: RequestContext) -> Outcome:
+        """``on_body`` with the engine's tokens of the prompt (None if they could not be had in time)."""
+        parsed = self._parse(request)
+        if not isinstance(parsed, ParsedRequest):
+            return parsed
+        tokens = None
+        if parsed.prompt and self.tokenizer is not None:
+            try:
+                pool, _ = self._resolve_pool(request, parsed.model)
+            except RequestError:
+                pool = None  # _decide refuses it
+            if pool is not None:
+                tokens = await self.tokenizer.token_ids(pool.name, pool.served_name, parsed.body, parsed.prompt)
+        return self._decide(request, parsed, tokens)
+
+    def _parse(self, request: RequestContext) -> ParsedRequest | Reply:
         raw = request.body
         if len(raw) > self._max_body:
             error = RequestError(413, f"request body is larger than {self._max_body} bytes", "invalid_request_error")
             return self._refuse(request, None, error)
         try:
-            parsed = parse_body(raw, request.path)
+            return parse_body(raw, request.path)
         except RequestError as error:
             return self._refuse(request, None, error)
-        return self._decide(request, parsed)
 
     # ----- decisions ------------------------------------------------------------------------
 
@@ -110,7 +138,9 @@ class Director:
             return self._pool_by_model[model], True
         return self.config.pools[0], True
 
-    def _decide(self, request: RequestContext, parsed: ParsedRequest | None) -> Outcome:
+    def _decide(
+        self, request: RequestContext, parsed: ParsedRequest | None, tokens: Sequence[int] | None = None
+    ) -> Outcome:
         start = time.perf_counter()
         model = parsed.model if parsed is not None else None
         try:
@@ -123,6 +153,7 @@ class Director:
             prompt=parsed.prompt if parsed is not None else "",
             subset=request.subset,
             target_model=pool.served_name,
+            token_ids=tokens,
         )
         decision = self.scheduler.schedule(routing, self.table.pool_endpoints(pool.name), time.monotonic())
         telemetry = self.telemetry

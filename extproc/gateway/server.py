@@ -28,11 +28,15 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     ) -> AsyncIterator[protocol.ProcessingResponse]:
         request = RequestContext(pool_hint=protocol.pool_hint(context.invocation_metadata()))
         director = self.director
+        tokenized = director.tokenizer is not None  # a plugin scores the engine's tokens: render them first
         async for message in request_iterator:
             kind = message.WhichOneof("request")
             if kind == "request_body":
                 request.body = message.request_body.body
-                yield protocol.answer(kind, director.on_body(request))
+                if tokenized:
+                    yield protocol.answer(kind, await director.on_body_tokenized(request))
+                else:
+                    yield protocol.answer(kind, director.on_body(request))
             elif kind == "request_headers":
                 protocol.read_headers(message, request)
                 yield protocol.answer(kind, director.on_headers(request))

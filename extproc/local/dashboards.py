@@ -762,6 +762,36 @@ scheduler last scraped from each endpoint (`ip:port`), with their age; the prefi
                 unit="reqps",
                 w=12,
             ),
+            timeseries(
+                "Precise prefix: KV events indexed per second and index size (precise_prefix)",
+                "Per endpoint: blocks its engine reported stored and evicted (vLLM KV-cache events) that the "
+                "picker indexed, and the blocks the index holds for it (bounded by the endpoint's KV capacity). "
+                "From extproc_kv_events_blocks_*_total and extproc_precise_prefix_index_blocks. Empty without "
+                "the precise_prefix scorer.",
+                [
+                    Query(_sum_rate("extproc_kv_events_blocks_stored_total", "endpoint"), "{{endpoint}} stored/s"),
+                    Query(_sum_rate("extproc_kv_events_blocks_removed_total", "endpoint"), "{{endpoint}} removed/s"),
+                    Query("max by (endpoint) (extproc_precise_prefix_index_blocks)", "{{endpoint}} index blocks"),
+                ],
+                unit="short",
+                overrides=[_override_ref("C", custom__axisPlacement="right")],
+                w=12,
+            ),
+            timeseries(
+                "Precise prefix: event streams live, lag, gaps and replays",
+                "Per endpoint: 1 while its event stream is connected and in sequence (else it is scored on the "
+                "approximate index), the lag from the engine's batch timestamp to indexing, and sequence gaps "
+                "and replays per second. From extproc_precise_prefix_live, extproc_kv_events_lag_seconds, "
+                "extproc_kv_events_gaps_total and extproc_kv_events_replays_total.",
+                [
+                    Query("max by (endpoint) (extproc_precise_prefix_live)", "{{endpoint}} live"),
+                    Query("max by (endpoint) (extproc_kv_events_lag_seconds)", "{{endpoint}} lag"),
+                    Query(_sum_rate("extproc_kv_events_gaps_total", "endpoint"), "{{endpoint}} gaps/s"),
+                    Query(_sum_rate("extproc_kv_events_replays_total", "endpoint"), "{{endpoint}} replays/s"),
+                ],
+                unit="short",
+                w=12,
+            ),
         ],
         ["resources"],
     )

@@ -7,6 +7,7 @@ user's own file, in front of model servers that are already running.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,22 @@ class PoolSpec:
     model: str
     replicas: int = 2
     sim_args: tuple[str, ...] = ()  # extra `extproc sim` options for every replica
+    kv_events: bool = False  # replicas publish vLLM KV-cache events on their port + 1 (replay: + 2)
+
+
+KV_EVENTS_PORT_OFFSET, KV_REPLAY_PORT_OFFSET = 1, 2  # a simulated replica's event sockets, from its HTTP port
+
+
+def kv_events_args(port: int, model: str) -> tuple[str, ...]:
+    """``extproc sim`` options that publish KV events as vLLM's ``--kv-events-config`` does, beside ``port``."""
+    settings = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"tcp://*:{port + KV_EVENTS_PORT_OFFSET}",
+        "replay_endpoint": f"tcp://*:{port + KV_REPLAY_PORT_OFFSET}",
+        "topic": f"kv@127.0.0.1:{port}@{model}",
+    }
+    return ("--kv-events-config", json.dumps(settings))
 
 
 @dataclass
@@ -151,8 +168,9 @@ def start_stack(
         for spec in pools:
             replicas = []
             for i in range(spec.replicas):
-                port = free_port()
-                child = start_sim(f"sim-{spec.name}-{i}", spec.model, port, log_dir, *spec.sim_args)
+                port = free_ports(3) if spec.kv_events else free_port()
+                events = kv_events_args(port, spec.model) if spec.kv_events else ()
+                child = start_sim(f"sim-{spec.name}-{i}", spec.model, port, log_dir, *spec.sim_args, *events)
                 started.append(child)
                 replicas.append(SimReplica(child, port))
             sims[spec.name] = replicas

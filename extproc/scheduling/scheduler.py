@@ -45,6 +45,7 @@ from extproc.scheduling.framework import (
     build,
     effective_params,
 )
+from extproc.scheduling.prefix import precise as _precise  # noqa: F401
 from extproc.scheduling.prefix import scorer as _prefix  # noqa: F401
 from extproc.scheduling.types import Decision, RoutingRequest
 
@@ -82,6 +83,11 @@ class Scheduler:
     @classmethod
     def from_config(cls, config: cfg.Config, rng: random.Random | None = None) -> Scheduler:
         return cls(config.scheduler, rng=rng)
+
+    @property
+    def needs_tokens(self) -> bool:
+        """Whether a plugin scores the engine's tokens of the prompt (``RoutingRequest.token_ids``)."""
+        return any(getattr(p, "needs_tokens", False) for p in self.plugins())
 
     def plugins(self) -> list[Any]:
         """Every plugin, in the order a request meets them."""

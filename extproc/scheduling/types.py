@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -12,7 +13,8 @@ class RoutingRequest:
     ``prompt`` is the request's prompt rendered in prefix order ("" without a body): plugins that need
     more than the text (block hashes, tokens) derive it themselves, only when configured.
     ``target_model`` is the model the pool serves the request with (it seeds prefix hashes, so the same
-    text for two models never matches); ``subset`` is the GIE candidate-subset hint, None when absent.
+    text for two models never matches); ``subset`` is the GIE candidate-subset hint, None when absent;
+    ``token_ids`` the engine's tokens of the prompt, only when a plugin asks for them (``needs_tokens``).
     """
 
     pool: str
@@ -20,6 +22,7 @@ class RoutingRequest:
     prompt: str = ""
     subset: frozenset[str] | None = None
     target_model: str = ""
+    token_ids: Sequence[int] | None = None  # the prompt as the engine tokenizes it, when a plugin needs it
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,141 @@
+"""The KV-event subscriber over real ZMQ: sequence gaps filled from the replay socket, restarts, bad messages.
+
+The publisher is the simulator's own (vLLM's wire format); the subscriber feeds a real ``precise_prefix``
+scorer. No model server is needed: the subscriber only talks ZMQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from array import array
+from collections.abc import Callable
+
+from extproc.datalayer.kv_events import KvEventsSubscriber
+from extproc.datalayer.table import EndpointTable
+from extproc.local.procs import free_ports
+from extproc.scheduling.prefix.kv_index import token_block_hashes
+from extproc.scheduling.prefix.precise import PrecisePrefixScorer
+from extproc.sim.config import KVEventsConfig
+from extproc.sim.kv_events import BlockRemoved, BlockStored, ZmqEventPublisher
+
+BS = 16
+
+
+class LossyPublisher(ZmqEventPublisher):
+    """Drops the live message of chosen sequence numbers (as a full PUB queue would); replay still has them."""
+
+    def __init__(self, config: KVEventsConfig, drop: set[int]) -> None:
+        super().__init__(config)
+        self.drop = drop
+
+    def publish(self, events: list) -> None:  # type: ignore[type-arg]
+        if self.published in self.drop:
+            pub, self._pub = self._pub, _Silent()
+            try:
+                super().publish(events)
+            finally:
+                self._pub = pub
+        else:
+            super().publish(events)
+
+
+class _Silent:
+    def send_multipart(self, *_args: object, **_kw: object) -> None:
+        pass
+
+
+async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def chain(n_events: int, start: int) -> list[tuple[list[int], int | None, list[int]]]:
+    """``n_events`` BlockStored of 4 blocks each, chained: (engine hashes, parent, token ids)."""
+    out = []
+    parent = None
+    for i in range(n_events):
+        hashes = [start + 4 * i + k for k in range(4)]
+        out.append((hashes, parent, list(range((start + i) * 64, (start + i) * 64 + 4 * BS))))
+        parent = hashes[-1]
+    return out
+
+
+def test_a_gap_is_replayed_and_the_index_is_complete() -> None:
+    async def main() -> None:
+        port = free_ports(3)
+        address = f"127.0.0.1:{port}"
+        config = KVEventsConfig(
+            enable_kv_cache_events=True, publisher="zmq", endpoint=f"tcp://*:{port + 1}",
+            replay_endpoint=f"tcp://*:{port + 2}", topic="kv@test",
+        )  # fmt: skip
+        publisher = LossyPublisher(config, drop={3, 4})
+        scorer = PrecisePrefixScorer(port_offset=1, replay_port_offset=2, topic="kv@")
+        table = EndpointTable(["p"])
+        table.replace_pool("p", [address])
+        subscriber = KvEventsSubscriber(scorer, table)
+        await subscriber.start()
+        try:
+            await until(lambda: address in scorer.live, 10, "the subscription to connect")
+            events = chain(8, 1000)
+            tokens = array("I", [t for _, _, ids in events for t in ids])
+            hashes = token_block_hashes(tokens, BS, 100)
+            for engine_hashes, parent, ids in events:
+                publisher.publish([BlockStored(engine_hashes, parent, ids, BS, None, "GPU", None)])
+                await asyncio.sleep(0.01)
+            await until(lambda: scorer.index.match(hashes, [address])[address] == 32, 10, "all 32 blocks indexed")
+            stats = subscriber.stats[address]
+            assert stats.gaps == 1 and stats.replayed_batches >= 2  # batches 3 and 4 came from the replay
+            assert address in scorer.live
+
+            # evictions follow; a message that is not a batch is counted, not fatal
+            publisher._pub.send_multipart((b"kv@test", (8).to_bytes(8, "big"), b"\xc1garbage"))
+            publisher._seq = iter(range(9, 10**9))  # the garbage took sequence number 8
+            publisher.publish([BlockRemoved(events[-1][0], "GPU")])
+            await until(lambda: scorer.index.match(hashes, [address])[address] == 28, 10, "the removal")
+            assert stats.malformed == 1
+        finally:
+            await subscriber.stop()
+            await publisher.close()
+
+    asyncio.run(main())
+
+
+def test_a_restarted_engine_is_noticed_and_an_endpoint_without_replay_is_scored_approximately() -> None:
+    async def main() -> None:
+        port = free_ports(3)
+        address = f"127.0.0.1:{port}"
+        config = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=f"tcp://*:{port + 1}")
+        publisher = LossyPublisher(config, drop={2})
+        scorer = PrecisePrefixScorer(port_offset=1)  # no replay socket
+        table = EndpointTable(["p"])
+        table.replace_pool("p", [address])
+        subscriber = KvEventsSubscriber(scorer, table)
+        await subscriber.start()
+        try:
+            await until(lambda: address in scorer.live, 10, "the subscription to connect")
+            for engine_hashes, parent, ids in chain(4, 1):
+                publisher.publish([BlockStored(engine_hashes, parent, ids, BS, None, "GPU", None)])
+                await asyncio.sleep(0.01)
+            await until(lambda: subscriber.stats[address].gaps == 1, 10, "the gap")
+            assert address not in scorer.live  # batch 2 is lost for good: approximate until resynchronised
+            assert scorer.index.stats.orphans == 4  # batch 3's parent was in the lost batch
+
+            # the engine restarts: its socket goes away and comes back with sequence numbers from 0
+            await publisher.close()
+            await until(lambda: not subscriber.stats[address].connected, 10, "the disconnect")
+            publisher = LossyPublisher(config, drop=set())
+            await until(lambda: subscriber.stats[address].connected, 10, "the reconnect")
+            await asyncio.sleep(0.2)  # slow joiner: the subscription reaches the new publisher
+            publisher.publish([BlockStored([7, 8], None, list(range(2 * BS)), BS, None, "GPU", None)])
+            await until(lambda: subscriber.stats[address].restarts == 1, 10, "the restart to be noticed")
+            assert scorer.index.size(address) == 2  # what the new engine stored, nothing from before
+            assert address in scorer.live  # a fresh engine has nothing to have missed
+        finally:
+            await subscriber.stop()
+            await publisher.close()
+
+    asyncio.run(main())
