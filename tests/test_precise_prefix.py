@@ -144,3 +144,15 @@ def test_params_are_checked_and_the_scheduler_asks_for_tokens() -> None:
     data["scheduler"] = {"scorers": [{"name": "precise_prefix", "weight": 4}]}
     assert Scheduler.from_config(cfg.parse_config(data)).needs_tokens
     assert not Scheduler.from_config(cfg.parse_config({"pools": data["pools"]})).needs_tokens
+
+
+def test_replicas_share_the_fallback_index_through_the_prefix_records() -> None:
+    a, b = PrecisePrefixScorer(port_offset=1), PrecisePrefixScorer(port_offset=1)
+    eps = endpoints()
+    text = "y" * 4096
+    first = ctx(text, None)
+    a.score(first, eps)
+    a.on_picked(first, eps[1])
+    record = a.shared_record(first, eps[1])
+    b.apply_shared(B, a.encode_shared(record))
+    assert b.score(ctx(text, None), eps)[1] > 0.9  # b's fallback learned a's pick

@@ -205,6 +205,18 @@ class PrecisePrefixScorer:
             self.speculative.record(endpoint.address, hashes, ctx.now)
             self.hit_ratio.observe(ctx.request.pool, n / len(hashes))
 
+    # With state.backend: redis the replicas share the fallback index's records (each reads the events itself).
+    share_kind = "prefix"
+
+    def shared_record(self, ctx: SchedulingContext, endpoint: EndpointState) -> Any | None:
+        return self.approximate.shared_record(ctx, endpoint)
+
+    def encode_shared(self, record: Any) -> bytes:
+        return self.approximate.encode_shared(record)
+
+    def apply_shared(self, address: str, payload: bytes) -> None:
+        self.approximate.apply_shared(address, payload)
+
     def forget_endpoint(self, address: str) -> None:
         self.approximate.forget_endpoint(address)
         self.index.forget(address)
