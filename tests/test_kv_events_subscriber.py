@@ -7,42 +7,66 @@ scorer. No model server is needed: the subscriber only talks ZMQ.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from array import array
 from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
 
 from extproc.datalayer.kv_events import KvEventsSubscriber
 from extproc.datalayer.table import EndpointTable
 from extproc.local.procs import free_ports
 from extproc.scheduling.prefix.kv_index import token_block_hashes
 from extproc.scheduling.prefix.precise import PrecisePrefixScorer
-from extproc.sim.config import KVEventsConfig
-from extproc.sim.kv_events import BlockRemoved, BlockStored, ZmqEventPublisher
+from extproc.sim.kv_events import BlockRemoved, BlockStored, EventBatch
 
 BS = 16
 
 
-class LossyPublisher(ZmqEventPublisher):
-    """Drops the live message of chosen sequence numbers (as a full PUB queue would); replay still has them."""
+class LossyPublisher:
+    """vLLM's publisher protocol (PUB + a ROUTER replaying its buffer), dropping the live message of chosen
+    sequence numbers as a full PUB queue would; the replay still has them."""
 
-    def __init__(self, config: KVEventsConfig, drop: set[int]) -> None:
-        super().__init__(config)
+    def __init__(self, port: int, replay_port: int | None, drop: set[int]) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(f"tcp://127.0.0.1:{port}")
         self.drop = drop
+        self.seq = 0
+        self.buffer: list[tuple[int, bytes]] = []
+        self.task: asyncio.Task[None] | None = None
+        if replay_port is not None:
+            self.router = self.ctx.socket(zmq.ROUTER)
+            self.router.setsockopt(zmq.LINGER, 0)
+            self.router.bind(f"tcp://127.0.0.1:{replay_port}")
+            self.task = asyncio.get_running_loop().create_task(self._serve())
 
-    def publish(self, events: list) -> None:  # type: ignore[type-arg]
-        if self.published in self.drop:
-            pub, self._pub = self._pub, _Silent()
-            try:
-                super().publish(events)
-            finally:
-                self._pub = pub
-        else:
-            super().publish(events)
+    async def send(self, events: list[Any], raw: bytes | None = None) -> None:
+        payload = raw if raw is not None else msgspec.msgpack.encode(EventBatch(time.time(), events, 0))
+        if self.seq not in self.drop:
+            await self.pub.send_multipart((b"kv@test", self.seq.to_bytes(8, "big"), payload))
+        self.buffer.append((self.seq, payload))
+        self.seq += 1
 
+    async def _serve(self) -> None:
+        while True:
+            identity, _, start = await self.router.recv_multipart()
+            for seq, payload in self.buffer:
+                if seq >= int.from_bytes(start, "big"):
+                    await self.router.send_multipart((identity, b"", seq.to_bytes(8, "big"), payload))
+            await self.router.send_multipart((identity, b"", (-1).to_bytes(8, "big", signed=True), b""))
 
-class _Silent:
-    def send_multipart(self, *_args: object, **_kw: object) -> None:
-        pass
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        self.ctx.destroy(linger=0)
 
 
 async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -68,23 +92,20 @@ def test_a_gap_is_replayed_and_the_index_is_complete() -> None:
     async def main() -> None:
         port = free_ports(3)
         address = f"127.0.0.1:{port}"
-        config = KVEventsConfig(
-            enable_kv_cache_events=True, publisher="zmq", endpoint=f"tcp://*:{port + 1}",
-            replay_endpoint=f"tcp://*:{port + 2}", topic="kv@test",
-        )  # fmt: skip
-        publisher = LossyPublisher(config, drop={3, 4})
+        publisher = LossyPublisher(port + 1, port + 2, drop={3, 4})
         scorer = PrecisePrefixScorer(port_offset=1, replay_port_offset=2, topic="kv@")
         table = EndpointTable(["p"])
         table.replace_pool("p", [address])
         subscriber = KvEventsSubscriber(scorer, table)
         await subscriber.start()
         try:
-            await until(lambda: address in scorer.live, 10, "the subscription to connect")
+            await until(lambda: subscriber.stats[address].connected, 10, "the subscription to connect")
+            await asyncio.sleep(0.2)  # slow joiner: the subscription reaches the publisher
             events = chain(8, 1000)
             tokens = array("I", [t for _, _, ids in events for t in ids])
             hashes = token_block_hashes(tokens, BS, 100)
             for engine_hashes, parent, ids in events:
-                publisher.publish([BlockStored(engine_hashes, parent, ids, BS, None, "GPU", None)])
+                await publisher.send([BlockStored(engine_hashes, parent, ids, BS, None, "GPU", None)])
                 await asyncio.sleep(0.01)
             await until(lambda: scorer.index.match(hashes, [address])[address] == 32, 10, "all 32 blocks indexed")
             stats = subscriber.stats[address]
@@ -92,9 +113,8 @@ def test_a_gap_is_replayed_and_the_index_is_complete() -> None:
             assert address in scorer.live
 
             # evictions follow; a message that is not a batch is counted, not fatal
-            publisher._pub.send_multipart((b"kv@test", (8).to_bytes(8, "big"), b"\xc1garbage"))
-            publisher._seq = iter(range(9, 10**9))  # the garbage took sequence number 8
-            publisher.publish([BlockRemoved(events[-1][0], "GPU")])
+            await publisher.send([], raw=b"\xc1garbage")
+            await publisher.send([BlockRemoved(events[-1][0], "GPU")])
             await until(lambda: scorer.index.match(hashes, [address])[address] == 28, 10, "the removal")
             assert stats.malformed == 1
         finally:
@@ -108,17 +128,17 @@ def test_a_restarted_engine_is_noticed_and_an_endpoint_without_replay_is_scored_
     async def main() -> None:
         port = free_ports(3)
         address = f"127.0.0.1:{port}"
-        config = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=f"tcp://*:{port + 1}")
-        publisher = LossyPublisher(config, drop={2})
+        publisher = LossyPublisher(port + 1, None, drop={2})
         scorer = PrecisePrefixScorer(port_offset=1)  # no replay socket
         table = EndpointTable(["p"])
         table.replace_pool("p", [address])
         subscriber = KvEventsSubscriber(scorer, table)
         await subscriber.start()
         try:
-            await until(lambda: address in scorer.live, 10, "the subscription to connect")
+            await until(lambda: subscriber.stats[address].connected, 10, "the subscription to connect")
+            await asyncio.sleep(0.2)  # slow joiner: the subscription reaches the publisher
             for engine_hashes, parent, ids in chain(4, 1):
-                publisher.publish([BlockStored(engine_hashes, parent, ids, BS, None, "GPU", None)])
+                await publisher.send([BlockStored(engine_hashes, parent, ids, BS, None, "GPU", None)])
                 await asyncio.sleep(0.01)
             await until(lambda: subscriber.stats[address].gaps == 1, 10, "the gap")
             assert address not in scorer.live  # batch 2 is lost for good: approximate until resynchronised
@@ -127,10 +147,10 @@ def test_a_restarted_engine_is_noticed_and_an_endpoint_without_replay_is_scored_
             # the engine restarts: its socket goes away and comes back with sequence numbers from 0
             await publisher.close()
             await until(lambda: not subscriber.stats[address].connected, 10, "the disconnect")
-            publisher = LossyPublisher(config, drop=set())
+            publisher = LossyPublisher(port + 1, None, drop=set())
             await until(lambda: subscriber.stats[address].connected, 10, "the reconnect")
             await asyncio.sleep(0.2)  # slow joiner: the subscription reaches the new publisher
-            publisher.publish([BlockStored([7, 8], None, list(range(2 * BS)), BS, None, "GPU", None)])
+            await publisher.send([BlockStored([7, 8], None, list(range(2 * BS)), BS, None, "GPU", None)])
             await until(lambda: subscriber.stats[address].restarts == 1, 10, "the restart to be noticed")
             assert scorer.index.size(address) == 2  # what the new engine stored, nothing from before
             assert address in scorer.live  # a fresh engine has nothing to have missed

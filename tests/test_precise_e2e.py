@@ -69,10 +69,11 @@ def test_the_picker_follows_what_each_engine_reports_and_falls_back_when_a_strea
         replicas = stack.sims["1b"]
         addresses = [r.address for r in replicas]
         wait_for(
-            lambda: all(picker_metric(stack, "extproc_precise_prefix_live", a) == 1 for a in addresses),
+            lambda: all(picker_metric(stack, "extproc_kv_events_connected", a) == 1 for a in addresses),
             20,
-            "every event stream to be live",
+            "every event stream to connect",
         )
+        assert not any(picker_metric(stack, "extproc_precise_prefix_live", a) for a in addresses)  # nothing heard yet
 
         # A prompt sent straight to replica 2, past the gateway: only its engine's events tell the picker.
         target = replicas[2]
@@ -83,6 +84,7 @@ def test_the_picker_follows_what_each_engine_reports_and_falls_back_when_a_strea
             10,
             "the picker to index the blocks replica 2 stored",
         )
+        assert picker_metric(stack, "extproc_precise_prefix_live", target.address) == 1
         for i in range(5):
             assert ask(stack.gateway, document, f"question {i}").headers[UPSTREAM] == target.address
 
@@ -110,21 +112,19 @@ def test_the_picker_follows_what_each_engine_reports_and_falls_back_when_a_strea
         args = (*SIM_ARGS, *kv_events_args(target.port, MODEL))
         target.child = start_sim("sim-1b-2-again", MODEL, target.port, tmp_path, *args)
         wait_for(
-            lambda: picker_metric(stack, "extproc_precise_prefix_live", target.address) == 1,
+            lambda: picker_metric(stack, "extproc_kv_events_connected", target.address) == 1,
             20,
-            "the restarted replica's stream to be live again",
+            "the restarted replica's stream to reconnect",
         )
         fresh = text(3000, 999)
         ask(target.base, fresh, "warm")
         wait_for(
-            lambda: (
-                picker_metric(stack, "extproc_kv_events_restarts_total", target.address)
-                + picker_metric(stack, "extproc_kv_events_batches_total", target.address)
-                > 0
-            ),
+            lambda: picker_metric(stack, "extproc_kv_events_restarts_total", target.address) == 1,
             10,
-            "events from the restarted replica",
+            "the restart to be noticed (its sequence starts again)",
         )
+        assert picker_metric(stack, "extproc_precise_prefix_live", target.address) == 1
+        assert picker_metric(stack, "extproc_precise_prefix_index_blocks", target.address) < 250  # only the new
         assert ask(stack.gateway, fresh, "again").headers[UPSTREAM] == target.address
     finally:
         stack.stop()

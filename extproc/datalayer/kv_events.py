@@ -13,8 +13,10 @@ membership as endpoints come and go. An endpoint is *live* for the scorer while 
   from N, then an end marker); without a replay socket, or if replay fails, the endpoint is not live until
   the next reconnect (its index may miss removals and stores);
 - a sequence number that goes backwards means the engine restarted: its index is cleared;
-- on (re)connect the engine's buffered history is replayed from 0 when a replay socket is configured, so a
-  picker that starts after the engines learns what they already hold.
+- the first batch of a stream (this picker starting, or an engine restarting) shows where the stream is;
+  the ``replay_window`` batches before it are replayed first, so a picker that starts after the engines
+  learns what they hold (an endpoint is live from that first batch on; until then it is scored
+  approximately).
 
 Decoding and indexing run on the event loop, one batch at a time with a yield between batches; a batch is
 a few hundred blocks at most, indexed at ~1-2 us per block.
@@ -43,8 +45,8 @@ from extproc.scheduling.prefix.precise import PrecisePrefixScorer
 log = logging.getLogger(__name__)
 
 END_OF_REPLAY = -1
-REPLAY_TIMEOUT = 2.0  # seconds a replay may take before the endpoint is given up as out of sequence
-RESYNC_AFTER = 30.0  # seconds an endpoint with an unrecoverable gap is scored approximately; then live again
+REPLAY_TIMEOUT = 10.0  # seconds a replay may take before the endpoint is given up as out of sequence
+RESYNC_AFTER = 5.0  # seconds an endpoint with an unrecoverable gap is scored approximately; then live again
 MEDIUM_GPU = "GPU"
 _decode = msgspec.msgpack.Decoder().decode
 
@@ -168,11 +170,10 @@ class KvEventsSubscriber:
                 stats.connected = True
                 log.info("kv-events: %s connected", address)
                 async with lock:
-                    if stats.expected is None:
-                        # what the engine stored before this picker listened (its replay buffer)
-                        await self._replay(address, 0, None, stats)
-                    else:
+                    if stats.expected is not None:
                         stats.reconnected = True
+                    else:
+                        stats.in_sequence = False  # live once the first batch shows where the stream is
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 stats.connected = False
                 log.warning("kv-events: %s disconnected; scoring it on the approximate index", address)
@@ -183,18 +184,17 @@ class KvEventsSubscriber:
 
     async def _sequenced(self, address: str, seq: int, payload: bytes, stats: StreamStats) -> None:
         expected = stats.expected
-        if expected is not None and seq < expected:
+        if expected is None:
+            await self._catch_up(address, seq, stats)
+        elif seq < expected:
             if not stats.reconnected:
                 return  # already applied (from a replay)
             stats.restarts += 1
             log.info("kv-events: %s sequence went from %d back to %d: the engine restarted", address, expected, seq)
             self.scorer.index.cleared(address)
             stats.expected = None
-            stats.in_sequence = True  # a fresh engine: nothing from before to have missed
-            if seq > 0 and not await self._replay(address, 0, seq, stats):
-                self._out_of_sequence(address, 0, seq, stats)
-            self._publish_live(address, stats)
-        elif expected is not None and seq > expected:
+            await self._catch_up(address, seq, stats)
+        elif seq > expected:
             stats.gaps += 1
             if not await self._replay(address, expected, seq, stats):
                 self._out_of_sequence(address, expected, seq, stats)
@@ -202,6 +202,20 @@ class KvEventsSubscriber:
         if stats.expected is None or seq >= stats.expected:
             self._apply(address, payload, stats)
             stats.expected = seq + 1
+
+    async def _catch_up(self, address: str, seq: int, stats: StreamStats) -> None:
+        """The first batch of a stream (a start, or an engine restart) is ``seq``: replay the recent history
+        before it (at most ``replay_window`` batches: older ones describe blocks long evicted, and replaying a
+        whole buffer costs seconds of CPU), then go live."""
+        start = max(0, seq - self.scorer.replay_window)
+        if seq > start and self.scorer.event_address(address, replay=True) is not None:
+            if not await self._replay(address, start, seq, stats):
+                log.warning(
+                    "kv-events: %s: replaying batches %d..%d failed; going on from %d", address, start, seq, seq
+                )
+            stats.expected = None  # the live batch is applied next, whatever the replay reached
+        stats.in_sequence = True
+        self._publish_live(address, stats)
 
     def _out_of_sequence(self, address: str, first: int, last: int, stats: StreamStats) -> None:
         """Batches are lost: what the index holds for the endpoint is not to be trusted for a while."""
@@ -247,7 +261,11 @@ class KvEventsSubscriber:
                     continue
                 seq = int.from_bytes(frames[1][:8], "big", signed=True)
                 if seq == END_OF_REPLAY:
-                    return until is None or (stats.expected is not None and stats.expected >= until)
+                    return (
+                        until is None
+                        or (stats.expected is not None and stats.expected >= until)
+                        or (stats.expected is None and start >= until)
+                    )
                 if (until is None or seq < until) and (stats.expected is None or seq >= stats.expected):
                     self._apply(address, frames[2], stats)
                     stats.expected = seq + 1

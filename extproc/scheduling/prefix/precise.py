@@ -92,7 +92,8 @@ class PrecisePrefixScorer:
     ``prefix`` scorer; ``max_prompt_blocks`` leading blocks looked up; ``max_blocks`` per endpoint until its
     capacity is known; ``speculative_ttl`` seconds a pick counts before the engine confirms it;
     ``render_timeout`` seconds to wait for the engine's tokenization before scoring without tokens;
-    ``render_cache`` tokenized prompts kept; ``fallback``: params of the embedded ``prefix`` scorer.
+    ``render_cache`` tokenized prompts kept; ``replay_window`` batches of history replayed when a stream is
+    first heard (a picker start, an engine restart); ``fallback``: params of the embedded ``prefix`` scorer.
     """
 
     needs_tokens = True  # the director renders the prompt through an engine before scheduling
@@ -110,6 +111,7 @@ class PrecisePrefixScorer:
         speculative_ttl: float = 2.0,
         render_timeout: float = 0.25,
         render_cache: int = 2048,
+        replay_window: int = 2000,
         fallback: Mapping[str, Any] | None = None,
     ) -> None:
         self.min_blocks = int(_number("min_blocks", min_blocks, 1, integer=True))
@@ -131,6 +133,7 @@ class PrecisePrefixScorer:
         self.speculative = _Speculative(float(_number("speculative_ttl", speculative_ttl, 0)))
         self.render_timeout = float(_number("render_timeout", render_timeout, 0.001))
         self.render_cache = int(_number("render_cache", render_cache, 0, integer=True))
+        self.replay_window = int(_number("replay_window", replay_window, 0, integer=True))
         if fallback is not None and not isinstance(fallback, Mapping):
             raise ValueError(f"fallback must be a mapping of prefix scorer params, got {fallback!r}")
         self.approximate = PrefixScorer(**dict(fallback or {}))
