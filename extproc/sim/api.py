@@ -197,7 +197,7 @@ class SimServer:
         return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type=JSON)
 
     async def reset_prefix_cache(self, _request: web.Request) -> web.Response:
-        self.engine.cache.reset()
+        self.engine.reset_prefix_cache()
         return web.Response(status=200)
 
     async def state(self, _request: web.Request) -> web.Response:

@@ -49,17 +49,33 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     faults.add_argument("--delay-ms", type=float, default=0.0, help="wall-clock delay before every answer")
     faults.add_argument("--seed", type=int, default=0, help="seed of the fault dice")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body accepted (413 above)")
+    events = p.add_argument_group("KV-cache events (vLLM's publisher; docs/simulator.md)")
+    events.add_argument(
+        "--kv-events-config",
+        metavar="JSON",
+        help=(
+            "publish KV-cache events (BlockStored, BlockRemoved, AllBlocksCleared) over ZeroMQ exactly as vLLM "
+            "does; the value is vLLM's own flag value, e.g. "
+            '\'{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:5557", '
+            '"replay_endpoint": "tcp://*:5558", "topic": "kv@127.0.0.1@llama"}\'. Keys: enable_kv_cache_events, '
+            "publisher (zmq|null; zmq when enabled and unset), endpoint (tcp://*:5557), replay_endpoint (none), "
+            "buffer_steps (10000 batches kept for replay), hwm (100000), max_queue_size (accepted, unused), "
+            "topic (empty); an endpoint with * or :: or ipc:// is bound, any other is connected to. "
+            "Off without the flag, as in vLLM"
+        ),
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from extproc.sim.config import SimConfigError, from_preset
+    from extproc.sim.config import SimConfigError, from_preset, parse_kv_events_config
     from extproc.sim.run import run as serve_replica
 
     def ms(value: float | None) -> float | None:
         return None if value is None else value / 1000.0
 
     try:
+        kv_events = None if args.kv_events_config is None else parse_kv_events_config(args.kv_events_config)
         config = from_preset(
             args.preset,
             args.model,
@@ -80,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             error_rate=args.error_rate,
             delay=ms(args.delay_ms),
             seed=args.seed,
+            kv_events=kv_events,
         )
     except SimConfigError as exc:
         print(f"extproc sim: error: {exc}", file=sys.stderr)

@@ -2,11 +2,81 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
+from typing import Any
 
 
 class SimConfigError(ValueError):
     """A setting is out of range; the message names the option and the fix."""
+
+
+@dataclass(frozen=True)
+class KVEventsConfig:
+    """vLLM's ``--kv-events-config``: whether and where the replica publishes its KV-cache events.
+
+    Keys, defaults and the publisher rule are vLLM's ``KVEventsConfig``, so a router's deployment can
+    hand the simulator the very value it gives vLLM. ``max_queue_size`` is accepted for that reason
+    only: the simulator publishes from its step loop and queues nothing.
+    """
+
+    enable_kv_cache_events: bool = False
+    publisher: str = "null"
+    endpoint: str = "tcp://*:5557"
+    replay_endpoint: str | None = None
+    buffer_steps: int = 10_000
+    hwm: int = 100_000
+    max_queue_size: int = 100_000
+    topic: str = ""
+
+    @property
+    def publishes(self) -> bool:
+        """Whether events are collected at all (vLLM's publisher factory: enabled and not "null")."""
+        return self.enable_kv_cache_events and self.publisher == "zmq"
+
+
+# key -> (accepted types, description for the error); bool is not an int here, unlike in Python.
+_KV_EVENTS_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "enable_kv_cache_events": ((bool,), "true or false"),
+    "publisher": ((str, type(None)), '"zmq" or "null"'),
+    "endpoint": ((str,), 'a ZeroMQ endpoint string such as "tcp://*:5557"'),
+    "replay_endpoint": ((str, type(None)), "a ZeroMQ endpoint string or null"),
+    "buffer_steps": ((int,), "an integer >= 0"),
+    "hwm": ((int,), "an integer >= 0 (0: no limit)"),
+    "max_queue_size": ((int,), "an integer >= 0"),
+    "topic": ((str,), "a string"),
+}
+
+
+def parse_kv_events_config(text: str) -> KVEventsConfig:
+    """Parse vLLM's ``--kv-events-config`` JSON strictly: a typo must not silently disable events."""
+    flag = "--kv-events-config"
+    try:
+        raw: Any = json.loads(text)
+    except ValueError as exc:
+        raise SimConfigError(
+            f"{flag} is not valid JSON ({exc}); pass an object such as "
+            '\'{"enable_kv_cache_events": true, "endpoint": "tcp://*:5557"}\''
+        ) from None
+    if not isinstance(raw, dict):
+        raise SimConfigError(f"{flag} must be a JSON object, not {type(raw).__name__}")
+    for key, value in raw.items():
+        if key not in _KV_EVENTS_KEYS:
+            raise SimConfigError(f"{flag}: unknown key {key!r}; known keys: {', '.join(_KV_EVENTS_KEYS)}")
+        types, wanted = _KV_EVENTS_KEYS[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise SimConfigError(f"{flag}: {key!r} must be {wanted}, not {json.dumps(value)}")
+        if int in types and value < 0:
+            raise SimConfigError(f"{flag}: {key!r} must be {wanted}, not {value}")
+    if raw.get("publisher") not in (None, "zmq", "null"):
+        raise SimConfigError(f'{flag}: \'publisher\' must be "zmq" or "null", not {json.dumps(raw["publisher"])}')
+    for key in ("endpoint", "replay_endpoint"):
+        value = raw.get(key)
+        if isinstance(value, str) and "://" not in value:
+            raise SimConfigError(f"{flag}: {key!r} must be a ZeroMQ endpoint like tcp://*:5557, not {value!r}")
+    enabled = raw.get("enable_kv_cache_events", False)
+    publisher = raw.get("publisher") or ("zmq" if enabled else "null")
+    return KVEventsConfig(**{**raw, "publisher": publisher})
 
 
 @dataclass(frozen=True)
@@ -45,6 +115,8 @@ class SimConfig:
     delay: float = 0.0
     seed: int = 0
     engine_label: str = "0"
+    # vLLM's --kv-events-config; None publishes nothing (as vLLM without the flag).
+    kv_events: KVEventsConfig | None = None
 
     @property
     def names(self) -> tuple[str, ...]:

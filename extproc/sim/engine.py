@@ -6,6 +6,10 @@ advance in engine steps: each step prefills up to ``max_num_batched_tokens`` unc
 from the latency model in :class:`~extproc.sim.config.SimConfig`; the engine sleeps that long times
 ``time_scale``. All latencies it reports are in simulated seconds, so they do not depend on how busy
 the host is, and ``time_scale=0`` runs the same schedule as fast as Python allows.
+
+With ``--kv-events-config`` enabled, the cache records vLLM's KV-cache events as blocks are stored,
+evicted or reset, and the engine publishes them as one batch at the end of each step that had any
+(:mod:`extproc.sim.kv_events`), as vLLM's scheduler does.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from extproc.sim.config import SimConfig
+from extproc.sim.kv_events import ZmqEventPublisher
 from extproc.sim.kvcache import Allocation, KVCache
 from extproc.sim.metrics import SimMetrics
-from extproc.sim.tokens import Prompt, block_hashes, count_tokens
+from extproc.sim.tokens import CHARS_PER_TOKEN, Prompt, block_hashes, count_tokens, token_ids
 
 
 class QueueFull(Exception):
@@ -35,6 +41,7 @@ class EngineRequest:
     stream: bool
     max_tokens_param: int = 0  # max_tokens as vLLM's sampling params hold it (the context left when unset)
     hashes: list[int] = field(default_factory=list)
+    block_ids: Sequence[int] | None = None  # ids of the tokens ``hashes`` cover; kept only for KV events
     # Progress.
     arrival: float = 0.0
     admitted: float | None = None
@@ -68,6 +75,11 @@ class Engine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self.steps = 0
+        # KV-cache events: only when enabled does the cache record any (it needs the running loop then).
+        self.kv_events: ZmqEventPublisher | None = None
+        if config.kv_events is not None and config.kv_events.publishes:
+            self.kv_events = ZmqEventPublisher(config.kv_events)
+            self.cache.events = []
 
     # ----- public surface -------------------------------------------------------------------
 
@@ -92,7 +104,12 @@ class Engine:
         if len(self.waiting) + len(self.running) >= cfg.max_waiting + cfg.max_num_seqs:
             raise QueueFull
         loop = asyncio.get_running_loop()
-        request.hashes = block_hashes(request.prompt, cfg.block_size, cfg.vocab_size)
+        if self.kv_events is None:
+            request.hashes = block_hashes(request.prompt, cfg.block_size, cfg.vocab_size)
+        else:
+            # Tokenize once and hash those ids (the same hashes as from the text): events carry the ids.
+            request.block_ids = self._block_token_ids(request.prompt)
+            request.hashes = block_hashes(request.block_ids, cfg.block_size, cfg.vocab_size)
         request.done = loop.create_future()
         if request.stream:
             request.tokens = asyncio.Queue()
@@ -121,11 +138,36 @@ class Engine:
             self._clock = max(self._clock, (time.monotonic() - self._wall0) / self.config.time_scale)
         return self._clock
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the unheld cached blocks; the event goes out now, as the step loop may be idle."""
+        n = self.cache.reset()
+        self._publish_events()
+        return n
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.kv_events is not None:
+            await self.kv_events.close()
+            self.kv_events = None
+            self.cache.events = None
+
+    def _publish_events(self) -> None:
+        """Send what the cache recorded since the last batch, if anything (no message for a quiet step)."""
+        events = self.cache.events
+        if events and self.kv_events is not None:
+            self.cache.events = []
+            self.kv_events.publish(events)
+
+    def _block_token_ids(self, prompt: Prompt) -> Sequence[int]:
+        """The ids of the prompt's full blocks' tokens: the ones /tokenize answers for its text."""
+        size = self.config.block_size
+        covered = count_tokens(prompt) // size * size
+        if isinstance(prompt, str):
+            return token_ids(prompt[: covered * CHARS_PER_TOKEN], self.config.vocab_size)
+        return prompt[:covered]
 
     # ----- the step loop --------------------------------------------------------------------
 
@@ -152,6 +194,8 @@ class Engine:
             self._clock += duration
             self.steps += 1
             self._apply_step(progress, duration)
+            if self.cache.events:
+                self._publish_events()
 
     def _admit(self) -> None:
         cfg = self.config
@@ -160,7 +204,7 @@ class Engine:
             target = request.prefill_target
             # vLLM recomputes at least the last prompt token, so the last block is never a hit.
             lookup = (request.prompt_tokens - 1) // cfg.block_size
-            allocation = self.cache.allocate(request.hashes, lookup, target + 1)
+            allocation = self.cache.allocate(request.hashes, lookup, target + 1, request.block_ids)
             if allocation is None:
                 break  # FIFO: the head waits for room, the rest wait behind it
             self.waiting.popleft()

@@ -12,6 +12,7 @@ from prometheus_client import disable_created_metrics
 
 from extproc.sim.api import SimServer
 from extproc.sim.config import SimConfig
+from extproc.sim.kv_events import KVEventsBindError
 
 
 class PortInUse(RuntimeError):
@@ -19,7 +20,7 @@ class PortInUse(RuntimeError):
 
 
 async def serve(config: SimConfig, host: str, port: int, max_body_bytes: int) -> None:
-    server = SimServer(config, max_body_bytes=max_body_bytes)
+    server = SimServer(config, max_body_bytes=max_body_bytes)  # binds the KV-events sockets, if enabled
     runner = web.AppRunner(server.app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
@@ -41,6 +42,10 @@ async def serve(config: SimConfig, host: str, port: int, max_body_bytes: int) ->
         f"of {config.block_size} tokens, max {config.max_num_seqs} running)",
         flush=True,
     )
+    events = config.kv_events
+    if events is not None and events.publishes:
+        replay = f", replay on {events.replay_endpoint}" if events.replay_endpoint else ""
+        print(f"extproc sim: KV-cache events on {events.endpoint} (topic {events.topic!r}){replay}", flush=True)
     try:
         await stop.wait()
     finally:
@@ -57,7 +62,7 @@ def run(config: SimConfig, host: str, port: int, max_body_bytes: int) -> int:
         runner = asyncio.run
     try:
         runner(serve(config, host, port, max_body_bytes))
-    except PortInUse as exc:
+    except (PortInUse, KVEventsBindError) as exc:
         print(f"extproc sim: error: {exc}", file=sys.stderr)
         return 2
     return 0
