@@ -78,6 +78,11 @@ def done_when(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "ratio")  # fmt: skip
             add("--workers 2 on Redis: picker CPU per request / one's", "<=", 1.1, "extproc-w2-redis", "extproc",
                 "cpu_picker_ms_per_request", "ratio")  # fmt: skip
+        if w in SHARED_PREFIX and (w, r, "extproc-x2-precise") in by:  # issue 14: events instead of shared state
+            add("2 pickers, precise_prefix, no Redis: hit rate / one picker's", ">=", 0.97, "extproc-x2-precise",
+                "extproc", "hit_rate", "ratio")  # fmt: skip
+            add("2 pickers, precise_prefix, no Redis: TTFT mean / one picker's", "<=", 1.1, "extproc-x2-precise",
+                "extproc", "ttft_mean_ms", "ratio")  # fmt: skip
         if (w, r, "vllm-cache_aware") in by:
             lines = float(by[(w, r, "vllm-cache_aware")]["router_log"]["render_lines"])
             rows.append(_row(w, r, "vllm cache_aware render/tokenize log lines", "<=", 0, lines, 0.0, "diff"))

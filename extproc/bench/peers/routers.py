@@ -45,6 +45,7 @@ class RouterSpec:
     pickers: int = 1  # `extproc serve` replicas behind the one Envoy (its ext_proc cluster holds them all)
     shared: bool = False  # the pickers share their picks through a redis-server of their own
     workers: int = 1  # `extproc serve --workers N` processes per picker (on one port)
+    kv_events: bool = False  # its simulators publish vLLM KV-cache events (for precise_prefix)
 
 
 ROUTERS: dict[str, RouterSpec] = {
@@ -60,9 +61,13 @@ ROUTERS: dict[str, RouterSpec] = {
         RouterSpec("extproc-x2", "extproc", "default, 2 pickers", pickers=2),
         RouterSpec("extproc-x2-redis", "extproc", "default, 2 pickers on Redis", pickers=2, shared=True),
         RouterSpec("extproc-w2-redis", "extproc", "default, serve --workers 2 on Redis", workers=2, shared=True),
+        RouterSpec("extproc-precise", "extproc", "precise_prefix", POLICIES["precise"], kv_events=True),
+        RouterSpec(
+            "extproc-x2-precise", "extproc", "precise_prefix, 2 pickers", POLICIES["precise"], pickers=2, kv_events=True
+        ),
     )
 }
-PEER_ROUTERS = tuple(name for name in ROUTERS if not name.startswith("extproc-x"))  # `bench peers`' default
+PEER_ROUTERS = tuple(n for n in ROUTERS if not n.startswith("extproc-x") and "precise" not in n)  # `bench peers`
 QUICK_ROUTERS = ("extproc", "extproc-rr", "sglang-cache_aware", "sglang-round_robin")
 REPLICA_ROUTERS = ("extproc", "extproc-x2", "extproc-x2-redis", "extproc-w2-redis")  # `bench replicas`
 
@@ -154,7 +159,7 @@ def _start_gateway(spec: RouterSpec, setup: SimSetup, log_dir: Path, settings: d
         redis, url = start_redis(log_dir)
         settings = {**settings, "state": {**settings.get("state", {}), "backend": "redis", "url": url}}
     try:
-        pools = [PoolSpec("bench", MODEL, setup.replicas, setup.args())]
+        pools = [PoolSpec("bench", MODEL, setup.replicas, setup.args(), kv_events=spec.kv_events)]
         stack = start_stack(log_dir, pools, settings=settings, pickers=spec.pickers, workers=spec.workers)
     except BaseException:
         if redis is not None:
