@@ -22,7 +22,7 @@ from extproc.datalayer.table import EndpointTable
 from extproc.local.procs import free_ports
 from extproc.scheduling.prefix.kv_index import token_block_hashes
 from extproc.scheduling.prefix.precise import PrecisePrefixScorer
-from extproc.sim.kv_events import BlockRemoved, BlockStored, EventBatch
+from extproc.sim.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
 
 BS = 16
 
@@ -154,6 +154,42 @@ def test_a_restarted_engine_is_noticed_and_an_endpoint_without_replay_is_scored_
             await until(lambda: subscriber.stats[address].restarts == 1, 10, "the restart to be noticed")
             assert scorer.index.size(address) == 2  # what the new engine stored, nothing from before
             assert address in scorer.live  # a fresh engine has nothing to have missed
+        finally:
+            await subscriber.stop()
+            await publisher.close()
+
+    asyncio.run(main())
+
+
+def test_a_picker_that_starts_late_replays_the_history_as_its_net_effect() -> None:
+    async def main() -> None:
+        port = free_ports(3)
+        address = f"127.0.0.1:{port}"
+        publisher = LossyPublisher(port + 1, port + 2, drop=set())
+        # Before the picker listens: a chain of 8 events (32 blocks), 4 of its blocks evicted, then an unrelated
+        # prompt stored and everything cleared, then the chain stored again: only the last state counts.
+        events = chain(8, 1000)
+        for engine_hashes, parent, ids in events:
+            await publisher.send([BlockStored(engine_hashes, parent, ids, BS, None, "GPU", None)])
+        await publisher.send([BlockRemoved(events[-1][0], "GPU")])
+        await publisher.send([BlockStored([5, 6], None, list(range(2 * BS)), BS, None, "GPU", None)])
+        await publisher.send([AllBlocksCleared()])
+        for engine_hashes, parent, ids in events[:5]:
+            await publisher.send([BlockStored(engine_hashes, parent, ids, BS, None, "GPU", None)])
+        scorer = PrecisePrefixScorer(port_offset=1, replay_port_offset=2, replay_window=100)
+        table = EndpointTable(["p"])
+        table.replace_pool("p", [address])
+        subscriber = KvEventsSubscriber(scorer, table)
+        await subscriber.start()
+        try:
+            await until(lambda: subscriber.stats[address].connected, 10, "the subscription to connect")
+            await asyncio.sleep(0.2)
+            tokens = array("I", [t for _, _, ids in events for t in ids])
+            hashes = token_block_hashes(tokens, BS, 100)
+            await publisher.send([BlockRemoved([1019], "GPU")])  # the first live batch: block 19, the 5th event's last
+            await until(lambda: address in scorer.live, 10, "the catch-up")
+            assert scorer.index.match(hashes, [address])[address] == 19  # 5 events of 4 blocks, minus the last one
+            assert scorer.index.size(address) == 19 and scorer.index.stats.stored == 20  # only survivors indexed
         finally:
             await subscriber.stop()
             await publisher.close()

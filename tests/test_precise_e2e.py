@@ -81,7 +81,7 @@ def test_the_picker_follows_what_each_engine_reports_and_falls_back_when_a_strea
         ask(target.base, document, "warm")
         wait_for(
             lambda: picker_metric(stack, "extproc_precise_prefix_index_blocks", target.address) >= 40,
-            10,
+            20,
             "the picker to index the blocks replica 2 stored",
         )
         assert picker_metric(stack, "extproc_precise_prefix_live", target.address) == 1
@@ -93,7 +93,7 @@ def test_the_picker_follows_what_each_engine_reports_and_falls_back_when_a_strea
             ask(target.base, text(3000, 100 + i), "filler")
         wait_for(
             lambda: picker_metric(stack, "extproc_kv_events_blocks_removed_total", target.address) > 0,
-            10,
+            20,
             "evictions to be reported",
         )
         assert picker_metric(stack, "extproc_precise_prefix_index_blocks", target.address) <= 400 + 16
@@ -102,7 +102,7 @@ def test_the_picker_follows_what_each_engine_reports_and_falls_back_when_a_strea
         target.child.stop()
         wait_for(
             lambda: picker_metric(stack, "extproc_precise_prefix_live", target.address) == 0,
-            10,
+            20,
             "the dead replica's stream to be noticed",
         )
         served = {ask(stack.gateway, text(2000, 300 + i), "after").headers[UPSTREAM] for i in range(10)}
@@ -120,7 +120,7 @@ def test_the_picker_follows_what_each_engine_reports_and_falls_back_when_a_strea
         ask(target.base, fresh, "warm")
         wait_for(
             lambda: picker_metric(stack, "extproc_kv_events_restarts_total", target.address) == 1,
-            10,
+            20,
             "the restart to be noticed (its sequence starts again)",
         )
         assert picker_metric(stack, "extproc_precise_prefix_live", target.address) == 1

@@ -209,7 +209,7 @@ class KvEventsSubscriber:
         whole buffer costs seconds of CPU), then go live."""
         start = max(0, seq - self.scorer.replay_window)
         if seq > start and self.scorer.event_address(address, replay=True) is not None:
-            if not await self._replay(address, start, seq, stats):
+            if not await self._replay(address, start, seq, stats, compact=True):
                 log.warning(
                     "kv-events: %s: replaying batches %d..%d failed; going on from %d", address, start, seq, seq
                 )
@@ -236,8 +236,12 @@ class KvEventsSubscriber:
 
         asyncio.get_running_loop().call_later(RESYNC_AFTER, resync)
 
-    async def _replay(self, address: str, start: int, until: int | None, stats: StreamStats) -> bool:
-        """Fetch and apply batches ``start`` .. ``until - 1`` (all buffered ones when None) from the replay socket."""
+    async def _replay(
+        self, address: str, start: int, until: int | None, stats: StreamStats, compact: bool = False
+    ) -> bool:
+        """Fetch and apply batches ``start`` .. ``until - 1`` (all buffered ones when None) from the replay socket.
+
+        ``compact``: the history is applied as its net effect (``_apply_net``), not batch by batch."""
         where = self.scorer.event_address(address, replay=True)
         if where is None:
             return False
@@ -248,6 +252,7 @@ class KvEventsSubscriber:
         if ":" in host:
             dealer.setsockopt(zmq.IPV6, 1)
         dealer.connect(f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}")
+        history: list[bytes] = []
         try:
             await dealer.send_multipart([b"", start.to_bytes(8, "big")])
             deadline = asyncio.get_running_loop().time() + REPLAY_TIMEOUT
@@ -261,34 +266,81 @@ class KvEventsSubscriber:
                     continue
                 seq = int.from_bytes(frames[1][:8], "big", signed=True)
                 if seq == END_OF_REPLAY:
+                    if history:
+                        await self._apply_net(address, history, stats)
                     return (
                         until is None
                         or (stats.expected is not None and stats.expected >= until)
                         or (stats.expected is None and start >= until)
                     )
                 if (until is None or seq < until) and (stats.expected is None or seq >= stats.expected):
-                    self._apply(address, frames[2], stats)
+                    if compact:
+                        history.append(frames[2])
+                    else:
+                        self._apply(address, frames[2], stats)
+                        await asyncio.sleep(0)
                     stats.expected = seq + 1
                     stats.replayed_batches += 1
-                await asyncio.sleep(0)
         except zmq.ZMQError as exc:
             log.warning("kv-events: replay from %s failed: %s", address, exc)
             return False
         finally:
             dealer.close(linger=0)
 
+    async def _apply_net(self, address: str, history: list[bytes], stats: StreamStats) -> None:
+        """Apply a replayed history as its net effect: only the blocks still held at its end are indexed.
+
+        A replay window holds many times an engine's capacity of stores and evictions; following them one by
+        one costs ~3 us per block, tracking which engine hashes survive costs a dict insert or pop, and the
+        survivors are at most the engine's capacity."""
+        held: dict[Any, tuple[Any, list[int], int]] = {}  # engine hash -> (parent engine hash, its tokens, block size)
+        cleared = False
+        for n, payload in enumerate(history):
+            batch = _batch(payload)
+            if batch is None:
+                stats.malformed += 1
+                continue
+            stats.batches += 1
+            for event in batch[1]:
+                try:
+                    kind, fields = _split(event)
+                    if kind == "BlockStored":
+                        medium = fields[5] if len(fields) > 5 else None
+                        if medium not in (None, MEDIUM_GPU):
+                            continue
+                        hashes, parent, tokens, size = _hashable(fields[0]), _key(fields[1]), fields[2], fields[3]
+                        if size < 1 or len(tokens) != size * len(hashes):
+                            stats.malformed += 1
+                            continue
+                        for i, h in enumerate(hashes):
+                            held[h] = (parent, tokens[i * size : (i + 1) * size], size)
+                            parent = h
+                    elif kind == "BlockRemoved":
+                        for h in _hashable(fields[0]):
+                            held.pop(h, None)
+                    elif kind == "AllBlocksCleared":
+                        held.clear()
+                        cleared = True
+                except (IndexError, TypeError, ValueError):
+                    stats.malformed += 1
+            if n % 64 == 63:
+                await asyncio.sleep(0)
+        index = self.scorer.index
+        if cleared:
+            index.cleared(address)
+        for n, (h, (parent, tokens, size)) in enumerate(held.items()):  # parents before children, as stored
+            stats.stored += index.stored(address, [h], parent, tokens, size)
+            if n % 512 == 511:
+                await asyncio.sleep(0)
+        if held:
+            self._bound(address, next(iter(held.values()))[2])
+
     def _apply(self, address: str, payload: bytes, stats: StreamStats) -> None:
-        try:
-            batch = _decode(payload)
-            if isinstance(batch, dict):
-                ts, events = batch.get("ts"), batch.get("events")
-            else:
-                ts, events = batch[0], batch[1]
-            if not isinstance(events, list):
-                raise ValueError("events is not a list")
-        except (msgspec.DecodeError, ValueError, IndexError, TypeError, KeyError):
+        batch = _batch(payload)
+        if batch is None:
             stats.malformed += 1
             return
+        ts, events = batch
         index = self.scorer.index
         stats.batches += 1
         if isinstance(ts, int | float):
@@ -363,6 +415,19 @@ class KvEventsSubscriber:
 
     def describe(self) -> list[Metric]:
         return []
+
+
+def _batch(payload: bytes) -> tuple[Any, list[Any]] | None:
+    """``(ts, events)`` of an EventBatch, from msgspec's array or map encoding; None if it is not one."""
+    try:
+        batch = _decode(payload)
+        if isinstance(batch, dict):
+            ts, events = batch.get("ts"), batch.get("events")
+        else:
+            ts, events = batch[0], batch[1]
+    except (msgspec.DecodeError, ValueError, IndexError, TypeError, KeyError):
+        return None
+    return (ts, events) if isinstance(events, list) else None
 
 
 def _split(event: Any) -> tuple[str, list[Any]]:
