@@ -15,10 +15,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from extproc.bench.routing.plan import POLICIES
-from extproc.bench.routing.report import ROWS
-from extproc.bench.routing.targets import target_check
-from extproc.bench.workloads import WORKLOADS, make_workload
+from extproc.bench.routing.plan import DEFAULT_RATES, POLICIES, QUICK_POLICIES, QUICK_WORKLOADS, uses_kv_events
+from extproc.bench.routing.report import ROWS, markdown
+from extproc.bench.routing.targets import target_check, target_summary
+from extproc.bench.workloads import ROUTING_WORKLOADS, WORKLOADS, PressureParams, describe, make_workload
+from extproc.config import DEFAULT_SCORERS
 from extproc.stats import percentile
 from tests.helpers import TAG_VARIABLE, run_tagged, tagged
 
@@ -46,7 +47,8 @@ def test_quick_run_measures_every_cell_and_prefix_policies_hit_more(tmp_path: Pa
 
     data = json.loads((out_dir / "routing.json").read_text())
     cells = data["cells"]
-    assert {(c["workload"], c["policy"]) for c in cells} == {(w, p) for w in WORKLOADS for p in POLICIES}
+    assert {(c["workload"], c["policy"]) for c in cells} == {(w, p) for w in QUICK_WORKLOADS for p in QUICK_POLICIES}
+    assert not data["setup"]["kv_events"]  # no precise policy: the simulators publish nothing
     metrics = [key for key, _, _ in ROWS] + ["hit_rate_responses", "per_replica", "requests", "measured"]
     for cell in cells:
         name = f"{cell['workload']}/{cell['policy']}"
@@ -66,8 +68,8 @@ def test_quick_run_measures_every_cell_and_prefix_policies_hit_more(tmp_path: Pa
         assert tenants[policy]["hit_rate"] > tenants["round_robin"]["hit_rate"] + 0.2, tenants
     assert all(c["hit_rate"] < 0.05 for c in cells if c["workload"] == "random")
 
-    assert {row["workload"] for row in data["targets"]} == set(WORKLOADS)
-    for workload in WORKLOADS:
+    assert {row["workload"] for row in data["targets"]} == set(QUICK_WORKLOADS)
+    for workload in QUICK_WORKLOADS:
         png = out_dir / f"routing-{workload}.png"
         assert png.stat().st_size > 10_000, png
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -75,7 +77,8 @@ def test_quick_run_measures_every_cell_and_prefix_policies_hit_more(tmp_path: Pa
 
 
 def test_workloads_are_deterministic_and_share_what_they_should() -> None:
-    for name in WORKLOADS:
+    assert set(DEFAULT_RATES) == set(ROUTING_WORKLOADS) and set(WORKLOADS) <= set(ROUTING_WORKLOADS)
+    for name in ROUTING_WORKLOADS:
         a, b = make_workload(name, 7, 30.0, 50, 16), make_workload(name, 7, 30.0, 50, 16)
         assert a.arrivals == b.arrivals
         assert [a.next(i).body for i in range(50)] == [b.next(i).body for i in range(50)]
@@ -123,3 +126,82 @@ def test_target_check_and_percentile() -> None:
     assert checks["default TTFT mean / round_robin's <= 0.5"]["passed"] is True
     assert checks["default TTFT mean / least_queue's <= 0.8"]["passed"] is False  # 0.9
     assert checks["default hit rate / prefix_only's >= 0.9"]["passed"] is True
+
+
+def test_pressure_overflows_the_pool_cache_with_zipf_tenants() -> None:
+    params = PressureParams()
+    capacity = 4 * 4096 * 16  # the benchmark's default pool: 4 replicas x 4,096 blocks of 16 tokens
+    assert 3 <= params.working_set_tokens() / capacity <= 5
+    workload = make_workload("pressure", 1, 30.0, 2000, 16)
+    keys = [workload.next(i).key for i in range(2000)]
+    shares = params.shares()
+    assert abs(keys.count("tenant-0") / 2000 - shares[0]) < 0.03  # ~12.5 %
+    assert len(set(keys)) > 150  # the long tail shows up
+    first = json.loads(workload.next(0).body)["messages"]
+    again = next(json.loads(workload.next(i).body)["messages"] for i in range(1, 2000) if keys[i] == keys[0])
+    assert first[0] == again[0] and first[1] != again[1]  # the tenant's system prompt, a question of its own
+    assert 3000 * 4 <= len(first[0]["content"]) <= 5000 * 4
+    assert describe("pressure", 16)["working_set_tokens"] == params.working_set_tokens()
+
+
+def test_precise_policy_is_the_default_with_the_event_scorer() -> None:
+    precise = POLICIES["precise"]["scorers"]
+    assert [(s["name"], s["weight"]) for s in precise] == [
+        ("precise_prefix" if n == "prefix" else n, w) for n, w in DEFAULT_SCORERS
+    ]
+    assert precise[-1]["params"] == {"port_offset": 1, "replay_port_offset": 2, "min_blocks": 16}
+    assert "precise" not in QUICK_POLICIES
+    assert uses_kv_events({"precise": POLICIES["precise"]})
+    assert not uses_kv_events({p: POLICIES[p] for p in QUICK_POLICIES})
+
+
+def test_precise_checks_on_synthetic_cells() -> None:
+    def cell(workload: str, rate: float, policy: str, **metrics: float) -> dict[str, Any]:
+        base = {"ttft_mean_ms": 50.0, "ttft_p90_ms": 80.0, "ttft_p99_ms": 120.0, "hit_rate": 0.5}
+        return {"workload": workload, "rate": rate, "policy": policy, "first_use_share": 0.2, **base, **metrics}
+
+    cells = [
+        # 10 req/s: equal p90 (ratio 1.0 passes), the default recomputes 10 % only: the hit check does not apply
+        cell("pressure", 10.0, "default", hit_rate=0.7),
+        cell("pressure", 10.0, "precise", hit_rate=0.72),
+        # 20 req/s: precise slightly worse on p90 (fails >= 1), heavy eviction (30 %), +0.12 hit rate (passes)
+        cell("pressure", 20.0, "default", ttft_p90_ms=100.0, hit_rate=0.5),
+        cell("pressure", 20.0, "precise", ttft_p90_ms=101.0, hit_rate=0.62),
+        # 30 req/s, the top rate: 2.5x on p90 (passes >= 2), +0.05 hit rate with heavy eviction (fails)
+        cell("pressure", 30.0, "default", ttft_p90_ms=500.0, hit_rate=0.4),
+        cell("pressure", 30.0, "precise", ttft_p90_ms=200.0, hit_rate=0.45),
+        cell("pressure", 30.0, "round_robin", ttft_p90_ms=900.0, hit_rate=0.2),
+        # elsewhere: TTFT mean within 5 % and hit rate at most 0.01 below
+        cell("tenants", 15.0, "default", ttft_mean_ms=40.0, hit_rate=0.9),
+        cell("tenants", 15.0, "precise", ttft_mean_ms=42.0, hit_rate=0.895),
+        cell("multitenant", 25.0, "default", ttft_mean_ms=40.0, hit_rate=0.9),
+        cell("multitenant", 25.0, "precise", ttft_mean_ms=42.5, hit_rate=0.88),
+    ]
+    rows = {(r["workload"], r["rate"], r["check"]): r for r in target_check(cells)}
+    p90, hit = "default TTFT p90 / precise's >= 1", "precise hit rate - default's >= 0.10 (heavy eviction)"
+    assert rows[("pressure", 10.0, p90)]["passed"] is True and rows[("pressure", 10.0, p90)]["value"] == 1.0
+    assert rows[("pressure", 10.0, hit)]["passed"] is None and "not heavy" in rows[("pressure", 10.0, hit)]["note"]
+    assert rows[("pressure", 20.0, p90)]["passed"] is False
+    assert rows[("pressure", 20.0, hit)]["passed"] is True
+    assert math.isclose(rows[("pressure", 20.0, hit)]["value"], 0.12)
+    top = rows[("pressure", 30.0, "default TTFT p90 / precise's >= 2 (top rate)")]
+    assert top["passed"] is True and top["value"] == 2.5
+    assert ("pressure", 30.0, p90) not in rows  # the top rate is held to 2x, not 1x
+    assert rows[("pressure", 30.0, hit)]["passed"] is False
+    mean, diff = "precise TTFT mean / default's <= 1.05", "precise hit rate - default's >= -0.01"
+    assert rows[("tenants", 15.0, mean)]["passed"] is True and rows[("tenants", 15.0, diff)]["passed"] is True
+    assert rows[("multitenant", 25.0, mean)]["passed"] is False  # 1.0625
+    assert rows[("multitenant", 25.0, diff)]["passed"] is False  # -0.02
+    # the default's own targets are still there (tenants: n/a without round robin, least queue, prefix only)
+    assert rows[("tenants", 15.0, "default TTFT mean / round_robin's <= 0.5")]["passed"] is None
+    lines = target_summary(target_check(cells))
+    assert any("+0.12 PASS" in line for line in lines) and any("2.50 PASS" in line for line in lines)
+    # without the precise policy, no precise rows
+    assert not any("precise" in r["check"] for r in target_check([c for c in cells if c["policy"] != "precise"]))
+    setup = {"command": "x", "replicas": 4, "preset": "p", "num_gpu_blocks": 4096, "time_scale": 0.5}
+    setup |= {"duration": 12.0, "warmup_share": 0.3, "max_tokens": 16, "kv_events": True}
+    rich = [{**c, **{key: 1.0 for key, _, _ in ROWS if key not in c}} for c in cells]
+    result = {"setup": setup, "cells": rich, "targets": target_check(cells), "candidate": "default"}
+    text = markdown({**result, "wall_seconds": 60.0})
+    assert "| pressure | 20 | precise hit rate - default's >= 0.10 (heavy eviction) | +0.12 | PASS |" in text
+    assert "n/a (eviction not heavy" in text and "published KV-cache events" in text

@@ -10,12 +10,16 @@ simulated tokens of the rendered chat (see ``extproc/sim/tokens.py``).
 - ``random``: unique prompts, no sharing at all;
 - ``multiturn``: chat sessions whose prompt grows turn by turn; a session's next turn is only sent once
   its previous answer has arrived (the answer is appended, as a chat client does);
-- ``multitenant`` (`extproc bench peers` only): ``multiturn``'s sessions, each opening with its tenant's
-  long system prompt: uniform tenants whose users chat.
+- ``multitenant``: ``multiturn``'s sessions, each opening with its tenant's long system prompt: uniform
+  tenants whose users chat (`extproc bench peers`; `extproc bench routing` when named);
+- ``pressure``: ``tenants`` with many more of them, longer system prompts and Zipf-skewed traffic: a working set
+  about four times the routing benchmark pool's whole KV cache, so every replica evicts all the time and
+  only the popular prefixes are worth keeping (`extproc bench routing`).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -322,9 +326,53 @@ class MultitenantWorkload(MultiturnWorkload):
         return self.systems[k % len(self.systems)]
 
 
+# ----- pressure ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PressureParams:
+    """Many tenants with long system prompts and Zipf-skewed traffic: a working set far beyond the KV cache.
+
+    At the defaults the working set (every tenant's system prompt once, 256 x ~4,000 tokens = 1.02M tokens) is
+    3.9x the routing benchmark pool's KV capacity (4 replicas x 4,096 blocks x 16 tokens = 262,144 tokens):
+    the pool holds ~60 of the 256 prompts. Tenant ``k`` (0-based) is drawn with weight ``1 / (k + 1) ** zipf_s``:
+    the top 16 tenants send ~48 % of the traffic, the top 64 ~72 %, the bottom half ~15 %.
+    """
+
+    tenants: int = 256
+    system_tokens: tuple[int, int] = (3000, 5000)  # each tenant's system prompt length, uniform
+    question_tokens: tuple[int, int] = (30, 60)
+    zipf_s: float = 0.9
+
+    def working_set_tokens(self) -> int:
+        return self.tenants * sum(self.system_tokens) // 2
+
+    def shares(self) -> list[float]:
+        """Each tenant's share of the traffic (Zipf over the tenant number)."""
+        weights = [1.0 / (k + 1) ** self.zipf_s for k in range(self.tenants)]
+        total = sum(weights)
+        return [w / total for w in weights]
+
+
+def pressure_workload(seed: int, rate: float, count: int, max_tokens: int, params: PressureParams) -> StaticWorkload:
+    """``pressure``: Zipf-drawn tenants, each request its tenant's system prompt and a question of its own."""
+    rng = random.Random(f"{seed}-pressure-{rate:g}")
+    arrivals = poisson_arrivals(rng, rate, count)
+    systems = tenant_prompts(seed, TenantParams(tenants=params.tenants, system_tokens=params.system_tokens))
+    cumulative = list(itertools.accumulate(params.shares()))
+    picks = rng.choices(range(params.tenants), cum_weights=cumulative, k=count)
+    turns = []
+    for i, tenant in enumerate(picks):
+        question = text(rng, rng.randint(*params.question_tokens), f"[tenant {tenant:03d} request {i}]")
+        messages = [{"role": "system", "content": systems[tenant]}, {"role": "user", "content": question}]
+        turns.append(Turn(chat_body(messages, max_tokens), f"tenant-{tenant}"))
+    return StaticWorkload("pressure", arrivals, turns, describe("pressure", max_tokens))
+
+
 # ----- the catalogue -----------------------------------------------------------------------------------
 
-WORKLOADS: Sequence[str] = ("tenants", "multiturn", "random", "hot")
+WORKLOADS: Sequence[str] = ("tenants", "multiturn", "random", "hot")  # every benchmark's
+ROUTING_WORKLOADS: Sequence[str] = (*WORKLOADS, "multitenant", "pressure")  # `extproc bench routing --workloads`
 
 HOT = TenantParams(hot_share=0.75)
 
@@ -340,7 +388,9 @@ def make_workload(name: str, seed: int, rate: float, count: int, max_tokens: int
         return MultiturnWorkload(seed, rate, count, max_tokens, MultiturnParams())
     if name == "multitenant":
         return MultitenantWorkload(seed, rate, count, max_tokens, MultitenantParams())
-    raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    if name == "pressure":
+        return pressure_workload(seed, rate, count, max_tokens, PressureParams())
+    raise ValueError(f"unknown workload {name!r}; choose from {', '.join(ROUTING_WORKLOADS)}")
 
 
 def describe(name: str, max_tokens: int) -> dict[str, Any]:
@@ -357,4 +407,13 @@ def describe(name: str, max_tokens: int) -> dict[str, Any]:
     if name == "multitenant":
         m = MultitenantParams()
         return {**m.__dict__, "working_set_tokens": m.working_set_tokens(max_tokens)}
+    if name == "pressure":
+        p = PressureParams()
+        shares = p.shares()
+        return {
+            **p.__dict__,
+            "working_set_tokens": p.working_set_tokens(),
+            "top_16_share": round(sum(shares[:16]), 3),
+            "top_64_share": round(sum(shares[:64]), 3),
+        }
     raise ValueError(name)

@@ -9,6 +9,11 @@ whatever ``--time-scale`` and the host's load), the prefix-cache hit rate is the
 counters over the measured window, and the replica that served each request is Envoy's
 ``x-gateway-upstream-host``.
 
+The ``precise`` policy is the default with its approximate ``prefix`` scorer replaced by ``precise_prefix``
+(the engines' KV-cache events); a run with it starts simulators that publish events, for every policy of the
+run. The ``pressure`` workload (a working set ~4x the pool's KV cache, Zipf tenants) is where the two differ
+most; `targets.precise_check` holds ``precise`` to its bounds against ``default``.
+
 Why these settings (see docs/routing-benchmark.md):
 
 - ``--num-gpu-blocks 4096`` (65,536 tokens per replica): the shared-prefix workloads' working sets

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,7 +139,53 @@ async def open_loop(
     await asyncio.gather(*tasks)
 
 
-def summarize(run: CellRun, warmup: int, scale: float, replicas: Sequence[str]) -> dict[str, Any]:
+def picker_metrics(url: str) -> dict[str, Any]:
+    """The picker's view of the cell so far (its whole life: it restarts with every cell), from ``url``.
+
+    The KV-event streams (``extproc_kv_events_*``: summed over endpoints, lag the largest), the prompts
+    rendered (``extproc_render_*``: cache hits, engine renders, errors, seconds waited), the precise scorer
+    (live endpoints, indexed blocks, requests it scored on events and the share of their prompt it expected
+    the pick to hold) and the approximate prefix index (requests and the share it expected).
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=5.0) as response:
+            page = response.read().decode()
+    except OSError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+    totals: dict[str, float] = {}
+    lag = 0.0
+    for name, labels, value in promtext.samples(page):
+        if name == "extproc_kv_events_lag_seconds":
+            lag = max(lag, value)
+        elif name == "extproc_render_requests_total":
+            totals[f"render_{labels.get('result', '')}"] = value
+        elif name == "extproc_render_seconds_total":
+            totals["render_seconds"] = value
+        elif name.startswith(("extproc_kv_events_", "extproc_precise_prefix_", "inference_extension_prefix_")):
+            totals[name] = totals.get(name, 0.0) + value
+    out: dict[str, Any] = {"kv_events_lag_max_s": lag}
+    for key in ("connected", "batches", "blocks_stored", "blocks_removed", "gaps", "replays", "restarts", "malformed"):
+        out[f"kv_events_{key}"] = totals.get(
+            f"extproc_kv_events_{key}_total", totals.get(f"extproc_kv_events_{key}", 0.0)
+        )
+    for key in ("hit", "miss", "error", "seconds"):
+        out[f"render_{key}"] = totals.get(f"render_{key}", 0.0)
+    out["precise_live_endpoints"] = totals.get("extproc_precise_prefix_live", 0.0)
+    out["precise_index_blocks"] = totals.get("extproc_precise_prefix_index_blocks", 0.0)
+    for key, family in (
+        ("precise", "extproc_precise_prefix_hit_ratio"),
+        ("approximate", "inference_extension_prefix_indexer_hit_ratio"),
+    ):
+        count = totals.get(f"{family}_count", 0.0)
+        out[f"{key}_scored"] = count
+        out[f"{key}_expected_hit"] = totals.get(f"{family}_sum", 0.0) / count if count else math.nan
+    return out
+
+
+def summarize(
+    run: CellRun, warmup: int, scale: float, replicas: Sequence[str], capacity_tokens: int | None = None
+) -> dict[str, Any]:
+    """The cell's measured requests as numbers; ``capacity_tokens`` (the pool's KV cache) gives ``kv_turnover``."""
     measured = [o for o in run.outcomes if o.index >= warmup]
     ok = [o for o in measured if o.ok]
     ttft = [o.ttft_ms for o in ok]
@@ -148,6 +195,7 @@ def summarize(run: CellRun, warmup: int, scale: float, replicas: Sequence[str]) 
         for name in ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total", "vllm:num_preemptions_total")
     }
     queries = delta["vllm:prefix_cache_queries_total"]
+    prefilled = queries - delta["vllm:prefix_cache_hits_total"]  # prompt tokens not found in a cache
     per_replica = {r: 0 for r in replicas}
     for o in ok:
         per_replica[o.host] = per_replica.get(o.host, 0) + 1
@@ -192,6 +240,10 @@ def summarize(run: CellRun, warmup: int, scale: float, replicas: Sequence[str]) 
         "imbalance": max(per_replica.values()) / mean_served if ok else math.nan,
         "per_replica": per_replica,
         "preemptions": delta["vllm:num_preemptions_total"],
+        "prefilled_tokens": prefilled,
+        # How many times over the pool's KV cache the measured window prefilled: once the caches are full (the
+        # warm-up fills them on the shared-prefix workloads), every prefilled block evicts one.
+        "kv_turnover": prefilled / capacity_tokens if capacity_tokens else math.nan,
         "first_use_share": cold,
         "picker_bypassed": missed,
         "host_overhead_p50_ms": percentile(overhead, 0.5),

@@ -10,16 +10,38 @@ from typing import Any
 
 import yaml
 
+from extproc.bench.workloads import WORKLOADS
+from extproc.config import DEFAULT_SCORERS
+
+# The precise scorer's params on the benchmark's simulators: each publishes its KV events on its HTTP port + 1
+# and answers replays on + 2 (extproc/local/stack.py's KV_EVENTS_PORT_OFFSET, KV_REPLAY_PORT_OFFSET).
+PRECISE_PARAMS: dict[str, Any] = {"port_offset": 1, "replay_port_offset": 2, "min_blocks": 16}
+PRECISE_SCORER = "precise_prefix"
+
+
+def _precise_scorers() -> list[dict[str, Any]]:
+    """The default scorers with ``prefix`` replaced by ``precise_prefix`` at the same weight."""
+    return [
+        {"name": PRECISE_SCORER, "weight": w, "params": dict(PRECISE_PARAMS)}
+        if n == "prefix"
+        else {"name": n, "weight": w}
+        for n, w in DEFAULT_SCORERS
+    ]
+
+
 # The policies of extproc/scheduling/scheduler.py's docstring, as `scheduler:` sections.
-# "default" is the empty section: whatever the code's defaults are when the benchmark runs.
+# "default" is the empty section: whatever the code's defaults are when the benchmark runs; "precise" is the
+# default with its approximate prefix scorer replaced by the KV-event one (its filters and picker: the defaults).
 POLICIES: dict[str, dict[str, Any]] = {
     "random": {"filters": ["subset", "healthy"], "scorers": [], "picker": "random"},
     "round_robin": {"filters": ["subset", "healthy"], "scorers": [], "picker": "round_robin"},
     "least_queue": {"scorers": [{"name": "queue", "weight": 1}]},
     "prefix_only": {"filters": ["subset", "healthy"], "scorers": [{"name": "prefix", "weight": 1}]},
     "default": {},
+    "precise": {"scorers": _precise_scorers()},
 }
 QUICK_POLICIES = ("random", "round_robin", "least_queue", "prefix_only", "default")
+QUICK_WORKLOADS = WORKLOADS  # --quick without --workloads: the four original workloads
 
 # Simulated requests per second, about 30 %, 70 % and 120 % of what round robin sustains on each
 # workload (4 replicas, 4,096 blocks each, 16 output tokens); measured with this benchmark, see the docs.
@@ -28,8 +50,14 @@ DEFAULT_RATES: dict[str, tuple[float, ...]] = {
     "multiturn": (18.0, 40.0, 70.0),
     "random": (25.0, 60.0, 100.0),
     "hot": (25.0, 55.0, 95.0),
+    "multitenant": (40.0, 90.0, 130.0),  # round robin sustains ~170, the host keeps up to ~150: capped below
+    "pressure": (10.0, 25.0, 42.0),  # round robin sustains ~35
 }
 QUICK_RATE_INDEX = 1  # --quick: the middle rate only
+# Requests per cell at least (without --min-requests): `pressure` draws 256 Zipf tenants, and a cell must be long
+# enough for the tail to come back after its eviction; at 1,000 (300 of them warm-up) ~12 % of the measured
+# requests are still a tenant's first (35 % at the usual 240).
+MIN_REQUESTS: dict[str, int] = {"pressure": 1000}
 
 
 @dataclass(frozen=True)
@@ -37,6 +65,15 @@ class Cell:
     workload: str
     rate: float
     policy: str
+
+
+def uses_kv_events(sections: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether any of the policies scores with ``precise_prefix`` (then the simulators publish KV events)."""
+    return any(
+        isinstance(s, Mapping) and s.get("name") == PRECISE_SCORER
+        for section in sections.values()
+        for s in section.get("scorers") or []
+    )
 
 
 def select(value: str | None, known: Sequence[str], what: str) -> list[str]:

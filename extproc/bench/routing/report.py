@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from extproc.bench.routing.targets import verdict
+from extproc.bench.routing.targets import value_text, verdict
 
 # Metrics the tables show, in order: (key, label, format).
 ROWS: tuple[tuple[str, str, str], ...] = (
@@ -23,6 +23,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("first_use_share", "first use of prefix", "{:.1%}"),
     ("imbalance", "imbalance max/mean", "{:.2f}"),
     ("preemptions", "preemptions", "{:.0f}"),
+    ("kv_turnover", "KV turnover x cache", "{:.2f}"),
     ("failed", "failed", "{:.0f}"),
 )
 
@@ -61,10 +62,15 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"`{setup['command']}`: {setup['replicas']} replicas of `{setup['preset']}` with "
         f"{setup['num_gpu_blocks']} KV blocks ({setup['num_gpu_blocks'] * 16:,} tokens) each, time scale "
-        f"{setup['time_scale']:g}, {setup['duration']:g} simulated seconds per cell, first "
+        f"{setup['time_scale']:g}, {setup['duration']:g} simulated seconds per cell{_floors(setup)}, first "
         f"{setup['warmup_share']:.0%} of each cell not measured, {setup['max_tokens']} output tokens. "
         "Latencies in simulated milliseconds (the simulators' `x-sim-*` headers); rates and throughput in "
-        f"simulated requests per second. Wall time {result['wall_seconds']:.0f} s.",
+        f"simulated requests per second. Wall time {result['wall_seconds']:.0f} s."
+        + (
+            " Every simulator published KV-cache events (ZMQ) for every policy of the run."
+            if setup.get("kv_events")
+            else ""
+        ),
     ]
     for workload, rate, group in _groups(result["cells"]):
         lines += ["", f"### {workload} @ {rate:g} req/s", ""]
@@ -72,14 +78,50 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("| --- |" + " ---: |" * len(group))
         for key, label, fmt in ROWS:
             lines.append(f"| {label} | " + " | ".join(show(fmt, c[key]) for c in group) + " |")
+    lines += precise_view(result["cells"])
     lines += ["", f"## Target check ({result['candidate']})", "", "| workload | rate | check | value | verdict |"]
     lines.append("| --- | ---: | --- | ---: | --- |")
     for row in result["targets"]:
+        note = f" ({row['note']})" if row.get("note") else ""
         lines.append(
-            f"| {row['workload']} | {row['rate']:g} | {row['check']} | {show('{:.2f}', row['value'])} | "
-            f"{verdict(row['passed'])} |"
+            f"| {row['workload']} | {row['rate']:g} | {row['check']} | {value_text(row)} | "
+            f"{verdict(row['passed'])}{note} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _floors(setup: dict[str, Any]) -> str:
+    """ " (at least N requests; W M)": the cells' request floors, where the setup has them."""
+    if "min_requests" not in setup:
+        return ""
+    more = [f"{w} {n}" for w, n in (setup.get("min_requests_per_workload") or {}).items() if n != setup["min_requests"]]
+    return f" (at least {setup['min_requests']} requests" + (f"; {', '.join(more)}" if more else "") + ")"
+
+
+def precise_view(cells: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines: what the picker saw in each cell where a KV-event stream was followed (none: nothing)."""
+    rows = [c for c in cells if (c.get("picker") or {}).get("kv_events_connected")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### The precise scorer's view (the picker's metrics, whole cell)",
+        "",
+        "| workload | rate | policy | streams live | scored on events | expected hit (events) | expected hit "
+        "(approximate) | measured hit rate | blocks stored | blocks removed | gaps | lag max ms | render errors |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c in rows:
+        p = c["picker"]
+        lines.append(
+            f"| {c['workload']} | {c['rate']:g} | {c['policy']} | {p['precise_live_endpoints']:.0f} | "
+            f"{show('{:.0%}', p['precise_scored'] / max(1, c['requests']))} | "
+            f"{show('{:.1%}', p['precise_expected_hit'])} | {show('{:.1%}', p['approximate_expected_hit'])} | "
+            f"{show('{:.1%}', c['hit_rate'])} | {p['kv_events_blocks_stored']:.0f} | "
+            f"{p['kv_events_blocks_removed']:.0f} | {p['kv_events_gaps']:.0f} | {p['kv_events_lag_max_s'] * 1e3:.0f} | "
+            f"{p.get('render_error', 0):.0f} |"
+        )
+    return lines
 
 
 def plot(cells: Sequence[dict[str, Any]], out: Path) -> list[Path]:
