@@ -19,6 +19,7 @@ COMMANDS = (
     "extproc.gateway.command",  # serve
     "extproc.envoy.command",  # envoy-config
     "extproc.local.dashboards",  # dashboards
+    "extproc.local.certs",  # certs
     "extproc.sim.cli",  # sim
     "extproc.bench.cli",  # bench ...
 )

@@ -124,6 +124,9 @@ class Pool(_Strict):
     )
     endpoints: PoolEndpoints
     metrics: MetricsSource = MetricsSource()
+    paths: list[str] | None = Field(
+        default=None, min_length=1, description="the gateway.paths this pool serves (default: all of them)"
+    )
 
     @property
     def served_name(self) -> str:
@@ -228,6 +231,20 @@ class Limits(_Strict):
         return self.envoy_buffer_bytes + 64 * 1024
 
 
+class ServerTls(_Strict):
+    """TLS for the ext_proc gRPC port and the metrics port (docs/tls.md). The files are checked when the picker
+    starts (not here: `extproc envoy-config` reads this file where they are not mounted) and re-read when they
+    change, so cert-manager's or OpenShift's rotations need no restart."""
+
+    cert_file: str = Field(min_length=1, description="PEM certificate (chain) the picker serves, e.g. tls.crt")
+    key_file: str = Field(min_length=1, description="PEM private key of cert_file, unencrypted, e.g. tls.key")
+    client_ca_file: str | None = Field(
+        default=None,
+        min_length=1,
+        description="require client certificates signed by this CA (mTLS); without it any client may connect",
+    )
+
+
 class Server(_Strict):
     listen: str = Field(default="127.0.0.1:9002", description="host:port, or unix:/path for a socket")
     metrics_listen: str = Field(default="127.0.0.1:9090", description="host:port of the Prometheus endpoint")
@@ -238,6 +255,9 @@ class Server(_Strict):
     eds_dir: str | None = Field(
         default=None,
         description="write each pool's endpoints here as Envoy EDS files, so Envoy follows membership changes",
+    )
+    tls: ServerTls | None = Field(
+        default=None, description="serve the gRPC and metrics ports over TLS (default: plaintext, for localhost)"
     )
 
     @field_validator("listen")
@@ -323,6 +343,80 @@ class State(_Strict):
         return self
 
 
+# Envoy's retry conditions (x-envoy-retry-on) that apply to an HTTP model server.
+RETRY_CONDITIONS = (
+    "connect-failure",
+    "reset",
+    "reset-before-request",
+    "refused-stream",
+    "5xx",
+    "gateway-error",
+    "retriable-4xx",
+    "envoy-ratelimited",
+    "http3-post-connect-failure",
+)
+DEFAULT_RETRY_ON = ("connect-failure", "reset", "refused-stream")
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+DEFAULT_PATHS = {"/v1/chat/completions": ("POST",), "/v1/completions": ("POST",), "/v1/models": ("GET",)}
+_PATH_SEGMENT = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
+
+
+class Gateway(_Strict):
+    """What the generated Envoy does around the pick: retries, the idle timeout of streams, which API paths it
+    forwards, and its own errors as OpenAI-style JSON (docs/gateway.md, "When a replica fails")."""
+
+    retries: int = Field(default=2, ge=0, le=10, description="retries of a failed attempt, each on another endpoint")
+    retry_on: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_RETRY_ON),
+        description="Envoy retry conditions; reset covers a replica dying before its response headers",
+    )
+    retry_budget_percent: float = Field(
+        default=50.0, gt=0, le=100, description="retries in flight at most this share of a pool's active requests"
+    )
+    retry_budget_min_concurrency: int = Field(
+        default=10, ge=1, description="retries in flight always allowed per pool, whatever the share"
+    )
+    per_try_idle_timeout: float = Field(
+        default=10.0,
+        ge=0,
+        description="streaming requests: seconds an attempt may send no byte before it is abandoned (and retried "
+        "elsewhere if nothing reached the client yet); above the worst time to first token; 0 = off",
+    )
+    per_try_timeout: float = Field(
+        default=0.0, ge=0, description="non-streaming requests: seconds an attempt may take before a retry; 0 = off"
+    )
+    json_errors: bool = Field(default=True, description="Envoy's own error replies as OpenAI-style JSON")
+    paths: dict[str, list[str]] = Field(
+        default_factory=lambda: {path: list(methods) for path, methods in DEFAULT_PATHS.items()},
+        min_length=1,
+        description="API paths forwarded to the pools, each with its methods; others get a JSON 404 (405)",
+    )
+
+    @field_validator("retry_on")
+    @classmethod
+    def _retry_on(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item not in RETRY_CONDITIONS:
+                raise ValueError(f"{item!r} is not an Envoy retry condition; use any of {', '.join(RETRY_CONDITIONS)}")
+        if len(set(value)) != len(value):
+            raise ValueError("retry conditions repeat; list each once")
+        return value
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        out = {}
+        for path, methods in value.items():
+            segments = path.split("/")[1:]
+            if not path.startswith("/v1/") or not all(s and set(s) <= set(_PATH_SEGMENT) for s in segments):
+                raise ValueError(f"path {path!r} must start with /v1/, its segments letters, digits, '.', '_', '-'")
+            upper = [m.upper() for m in methods]
+            if not upper or not set(upper) <= set(HTTP_METHODS) or len(set(upper)) != len(upper):
+                raise ValueError(f"path {path!r}: give its methods once each, among {', '.join(HTTP_METHODS)}")
+            out[path] = upper
+        return out
+
+
 class Config(_Strict):
     """The whole file: the picker's server, its pools and splits, scraping, the scheduling policy, limits."""
 
@@ -333,6 +427,7 @@ class Config(_Strict):
     scheduler: Scheduler = Scheduler()
     limits: Limits = Limits()
     state: State = State()
+    gateway: Gateway = Gateway()
 
     @model_validator(mode="before")
     @classmethod
@@ -367,8 +462,37 @@ class Config(_Strict):
                 seen[model] = pool.name
         return self
 
+    @model_validator(mode="after")
+    def _paths(self) -> Config:
+        """Each pool's paths are gateway paths, and no pool or split is named like a path's first segment
+        (``/v1/chat/...`` would be both that pool's prefix and the chat API)."""
+        for pool in self.pools:
+            for path in pool.paths or ():
+                if path not in self.gateway.paths:
+                    raise ValueError(
+                        f"pool {pool.name!r} lists path {path!r}, which gateway.paths does not: add it there with "
+                        f"its methods (gateway: {{paths: {{{path}: [POST]}}}}) or remove it from the pool"
+                    )
+        firsts = {path.split("/")[2] for path in self.gateway.paths}
+        for name in [p.name for p in self.pools] + [s.name for s in self.splits]:
+            if name in firsts:
+                raise ValueError(
+                    f"pool or split {name!r} is named like the first segment of a gateway path (/v1/{name}/...), "
+                    "so its path prefix and the API would collide: rename it"
+                )
+        for split in self.splits:
+            if not set.intersection(*(set(self.pool_paths(b.pool)) for b in split.backends)):
+                raise ValueError(f"split {split.name!r}: its pools serve no gateway path in common")
+        return self
+
     def pool(self, name: str) -> Pool | None:
         return next((p for p in self.pools if p.name == name), None)
+
+    def pool_paths(self, name: str) -> dict[str, list[str]]:
+        """The gateway paths (with their methods) pool ``name`` serves."""
+        pool = self.pool(name)
+        served = pool.paths if pool is not None and pool.paths is not None else self.gateway.paths
+        return {path: methods for path, methods in self.gateway.paths.items() if path in served}
 
 
 def _format_errors(exc: ValidationError) -> str:

@@ -119,6 +119,13 @@ def test_path_and_model_routing_and_model_listing(make_gateway) -> None:
         assert reply.status == 200 and reply.json()["model"] == model and pool_of(reply.headers[POOL]) == pool
         reply = post(f"{stack.gateway}/v1/completions", {"model": model, "prompt": "Once", "max_tokens": 2})
         assert reply.status == 200 and reply.json()["model"] == model
+        # Streams take the streaming twins of the same routes (same names: the picker reads "default" as "no pool
+        # chosen yet" and still routes by the body's model).
+        for path in (f"/v1/{pool}/chat/completions", "/v1/chat/completions", "/v1/ab-test/chat/completions"):
+            reply = post(f"{stack.gateway}{path}", chat(model, 3) | {"stream": True})
+            assert reply.status == 200 and reply.body.rstrip().endswith(b"data: [DONE]"), (path, reply.body)
+            if "ab-test" not in path:
+                assert pool_of(reply.headers[POOL]) == pool and f'"model":"{model}"'.encode() in reply.body
     unknown = post(f"{stack.gateway}/v1/chat/completions", chat("llama-9-70b", 2))
     assert unknown.status == 404 and unknown.json()["error"]["code"] == 404
     listing = request("GET", f"{stack.gateway}/v1/models")

@@ -16,7 +16,11 @@ Every overlay is rendered once with `kubectl kustomize` (skipped, naming how to 
 * the sidecar: the initContainer's `extproc envoy-config` command run for real and its bootstrap, with the Envoy
   container's own arguments, accepted by `envoy --mode validate`; its exec health probes run for real against a
   real picker;
-* the Grafana dashboard ConfigMaps against grafana/dashboards.
+* the Grafana dashboard ConfigMaps against grafana/dashboards;
+* TLS to the picker (manifests/tls with cert-manager, the OpenShift overlays with the service CA): the certificate
+  each layout issues, mounts and names in server.tls, the BackendTLSPolicy, monitor and client certificate that
+  trust it, cert-manager's and BackendTLSPolicy's shapes by hand (no CRD in ../shared/schemas; they were checked
+  against cert-manager's and Gateway API v1.6.1's CRDs), and the TLS health probes run for real.
 """
 
 from __future__ import annotations
@@ -59,8 +63,10 @@ OVERLAYS = (
     "openshift",
     "openshift-modelservice",
     "eg-weighted-split",
+    "tls",
 )
 OPENSHIFT = ("openshift", "openshift-modelservice")
+TLS_OVERLAYS = ("tls", *OPENSHIFT)  # the picker serves TLS (server.tls): cert-manager, OpenShift's service CA
 # The renders that hold the vLLM headless Services, per overlay (base and sidecar are applied on top of these).
 WITH_MODELS = {"base": "multi-model", "sidecar": "multi-model"}
 # Envoy Gateway names the Service port of a Gateway listener "<protocol>-<port>" (internal/gatewayapi/helpers.go,
@@ -266,6 +272,89 @@ def check_route(route: Obj, objs: list[Obj]) -> None:
     )
 
 
+CERT_MANAGER_USAGES = {  # cert-manager.io/v1 Certificate spec.usages, from its CRD
+    "signing", "digital signature", "content commitment", "key encipherment", "key agreement", "data encipherment",
+    "cert sign", "crl sign", "encipher only", "decipher only", "any", "server auth", "client auth", "code signing",
+    "email protection", "s/mime", "ipsec end system", "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing",
+    "microsoft sgc", "netscape sgc",
+}  # fmt: skip
+CERTIFICATE_FIELDS = {
+    "additionalOutputFormats", "commonName", "dnsNames", "duration", "emailAddresses", "encodeUsagesInRequest",
+    "ipAddresses", "isCA", "issuerRef", "keystores", "literalSubject", "nameConstraints", "otherNames", "privateKey",
+    "renewBefore", "renewBeforePercentage", "revisionHistoryLimit", "secretName", "secretTemplate",
+    "signatureAlgorithm", "subject", "uris", "usages",
+}  # fmt: skip
+ISSUER_TYPES = {"acme", "ca", "selfSigned", "vault", "venafi"}
+
+
+def check_certificate(cert: Obj, objs: list[Obj]) -> None:
+    """cert-manager.io/v1 Certificate: its CRD's required fields and enums, and an issuer in the render."""
+    name, spec = cert["metadata"]["name"], cert["spec"]
+    assert cert["apiVersion"] == "cert-manager.io/v1", name
+    assert set(spec) <= CERTIFICATE_FIELDS, f"Certificate {name}: unknown fields {set(spec) - CERTIFICATE_FIELDS}"
+    assert spec["secretName"] and spec["issuerRef"]["name"], name
+    assert set(spec.get("usages", [])) <= CERT_MANAGER_USAGES, f"Certificate {name}: {spec['usages']}"
+    key = spec.get("privateKey", {})
+    assert set(key) <= {"algorithm", "encoding", "rotationPolicy", "size"}, name
+    assert key.get("algorithm", "RSA") in {"RSA", "ECDSA", "Ed25519"}, name
+    assert key.get("rotationPolicy", "Always") in {"Never", "Always"}, name
+    for field in ("duration", "renewBefore"):
+        assert field not in spec or re.fullmatch(r"(\d+h)?(\d+m)?(\d+s)?", spec[field]), f"Certificate {name}: {field}"
+    ref = spec["issuerRef"]
+    assert ref.get("group", "cert-manager.io") == "cert-manager.io" and ref.get("kind", "Issuer") == "Issuer", name
+    assert named(objs, "Issuer", ref["name"]), f"Certificate {name}: no Issuer {ref['name']}"
+
+
+def check_issuer(issuer: Obj, objs: list[Obj]) -> None:
+    """cert-manager.io/v1 Issuer: exactly one issuer type; a CA issuer's Secret is a CA Certificate's."""
+    name, spec = issuer["metadata"]["name"], issuer["spec"]
+    assert issuer["apiVersion"] == "cert-manager.io/v1", name
+    assert len(spec) == 1 and set(spec) <= ISSUER_TYPES, f"Issuer {name}: {sorted(spec)}"
+    if "ca" in spec:
+        assert set(spec["ca"]) <= {"crlDistributionPoints", "issuingCertificateURLs", "ocspServers", "secretName"}
+        ca = [c for c in kind_of(objs, "Certificate") if c["spec"]["secretName"] == spec["ca"]["secretName"]]
+        assert len(ca) == 1 and ca[0]["spec"].get("isCA") is True, f"Issuer {name}: no CA Certificate"
+
+
+def check_backend_tls_policy(policy: Obj, objs: list[Obj]) -> None:
+    """gateway.networking.k8s.io/v1 BackendTLSPolicy (standard channel since Gateway API v1.4): required fields,
+    the CEL rule "either caCertificateRefs or wellKnownCACertificates", targets and references in the render."""
+    name, spec = policy["metadata"]["name"], policy["spec"]
+    assert policy["apiVersion"] == "gateway.networking.k8s.io/v1", name
+    assert set(spec) <= {"options", "targetRefs", "validation"} and spec["targetRefs"], name
+    validation = spec["validation"]
+    assert set(validation) <= {"caCertificateRefs", "hostname", "subjectAltNames", "wellKnownCACertificates"}, name
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", validation["hostname"])
+    assert bool(validation.get("caCertificateRefs")) != bool(validation.get("wellKnownCACertificates")), name
+    for target in spec["targetRefs"]:
+        assert target["group"] == "" and target["kind"] == "Service", name
+        ports = _service_ports(target["name"], objs)
+        assert ports is not None and target.get("sectionName", "") in ports | {""}, f"{name}: {target}"
+    for ref in validation.get("caCertificateRefs", []):
+        assert set(ref) == {"group", "kind", "name"} and ref["group"] == "", name
+        if ref["kind"] == "ConfigMap":
+            assert named(objs, "ConfigMap", ref["name"]), f"{name}: no ConfigMap {ref['name']}"
+        else:
+            assert ref["kind"] == "Secret" and secret_issuer(objs, ref["name"]), f"{name}: nothing issues {ref}"
+
+
+HAND_CHECKED = {"Certificate": check_certificate, "Issuer": check_issuer, "BackendTLSPolicy": check_backend_tls_policy}
+
+
+def backend_tls_policy(objs: list[Obj], service: str, port_name: str) -> Obj | None:
+    """The BackendTLSPolicy for a Service port, if any."""
+    for policy in kind_of(objs, "BackendTLSPolicy"):
+        for target in policy["spec"]["targetRefs"]:
+            if target["name"] == service and target.get("sectionName") in (None, port_name):
+                return policy
+    return None
+
+
+def secret_issuer(objs: list[Obj], secret: str) -> Obj | None:
+    """The cert-manager Certificate that writes ``secret``."""
+    return next((c for c in kind_of(objs, "Certificate") if c["spec"]["secretName"] == secret), None)
+
+
 def _service_ports(name: str, objs: list[Obj]) -> set[str | int] | None:
     """Names and numbers of a Service's ports: one in the render, or the one Envoy Gateway makes for a Gateway."""
     service = named(objs, "Service", name)
@@ -315,6 +404,8 @@ def test_custom_resources_validate_against_their_crds(
         key = (obj["apiVersion"], obj["kind"])
         if key in crd_schemas:
             _validate_crd(obj, crd_schemas[key])
+        elif obj["kind"] in HAND_CHECKED:  # no CRD schema at hand: their shape by hand
+            HAND_CHECKED[obj["kind"]](obj, objs)
         else:  # every other object is a built-in one, or a Route (checked above)
             assert obj["kind"] == "Route" or _validate_builtin(obj), f"no schema for {key}"
 
@@ -334,6 +425,10 @@ def test_schema_checks_catch_mistakes(crd_schemas: dict[tuple[str, str], Obj], r
     btp = copy.deepcopy(named(objs, "BackendTrafficPolicy", "extproc-endpoint-override"))
     btp["spec"]["loadBalancer"]["endpointOverride"]["extractFrom"][0]["metadata"] = {"key": "envoy.lb"}
     with pytest.raises(AssertionError, match="metadata"):
+        _validate_crd(btp, crd_schemas[(btp["apiVersion"], btp["kind"])])
+    btp = copy.deepcopy(named(objs, "BackendTrafficPolicy", "extproc-endpoint-override"))
+    btp["spec"]["retry"]["retryOn"]["triggers"] = ["connect_failure"]  # Envoy spells it connect-failure
+    with pytest.raises(AssertionError, match="connect_failure"):
         _validate_crd(btp, crd_schemas[(btp["apiVersion"], btp["kind"])])
 
 
@@ -366,6 +461,8 @@ def test_cel_rules_these_manifests_come_near(renders: dict[str, list[Obj]]) -> N
         for btp in kind_of(objs, "BackendTrafficPolicy"):
             lb = btp["spec"]["loadBalancer"]
             assert lb["type"] != "DynamicModule" and "consistentHash" not in lb  # endpointOverride allowed with it
+            budget = btp["spec"].get("circuitBreaker", {}).get("retryBudget")  # "numerator <= denominator"
+            assert budget is None or budget["percent"]["numerator"] <= budget["percent"].get("denominator", 100)
 
 
 @pytest.mark.parametrize("overlay", OPENSHIFT)
@@ -469,7 +566,10 @@ def test_gateway_api_references_resolve(renders: dict[str, list[Obj]], overlay: 
                 service = named(objs, "Service", ref["name"])
                 assert service is not None and ref["port"] in {p["port"] for p in service["spec"]["ports"]}
                 grpc = next(p for p in service["spec"]["ports"] if p["port"] == ref["port"])
-                assert grpc.get("appProtocol") == "kubernetes.io/h2c"
+                if backend_tls_policy(objs, ref["name"], grpc["name"]) is None:
+                    assert grpc.get("appProtocol") == "kubernetes.io/h2c"
+                else:  # TLS: not h2c, which means cleartext HTTP/2 (Envoy Gateway speaks gRPC to an ext_proc anyway)
+                    assert "appProtocol" not in grpc
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -585,6 +685,14 @@ def test_endpoint_picker_protocol_names_match_the_code(renders: dict[str, list[O
     objs = renders["multi-model"]
     btp = named(objs, "BackendTrafficPolicy", "extproc-endpoint-override")
     assert btp["spec"]["loadBalancer"]["endpointOverride"]["extractFrom"] == [{"header": names.DESTINATION_KEY}]
+    # Envoy Gateway retries as the project's own Envoy does (the picker config's gateway section, defaults here).
+    gateway = next(load_config_text(t) for w, t in picker_configs(objs) if w.startswith("extproc-router/")).gateway
+    assert btp["spec"]["retry"]["numRetries"] == gateway.retries
+    assert btp["spec"]["retry"]["retryOn"] == {"triggers": gateway.retry_on}
+    assert btp["spec"]["circuitBreaker"]["retryBudget"] == {
+        "percent": {"numerator": gateway.retry_budget_percent},
+        "minRetryConcurrency": gateway.retry_budget_min_concurrency,
+    }
     ext = named(objs, "EnvoyExtensionPolicy", "extproc-router")["spec"]["extProc"][0]
     assert names.LB_NAMESPACE in ext["metadata"]["writableNamespaces"]
     assert ext["processingMode"]["request"]["body"] == "Buffered" and "response" not in ext["processingMode"]
@@ -735,3 +843,150 @@ def test_dashboard_configmaps_are_the_repository_dashboards(renders: dict[str, l
         assert data == originals, overlay
         for text in data.values():
             json.loads(text)
+
+
+# ----- TLS to the picker ----------------------------------------------------------------------------------------
+
+
+def _picker_container(objs: list[Obj]) -> tuple[Obj, Obj]:
+    template = named(objs, "Deployment", "extproc-router")["spec"]["template"]
+    return template, next(c for c in template["spec"]["containers"] if c["name"] == "extproc")
+
+
+def _mounted_volume(template: Obj, container: Obj, path: str) -> Obj:
+    """The volume a file path of the container lies on."""
+    mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    return next(v for v in template["spec"]["volumes"] if v["name"] == mount["name"])
+
+
+@pytest.mark.parametrize("overlay", TLS_OVERLAYS)
+def test_tls_overlays_wire_the_certificate_end_to_end(renders: dict[str, list[Obj]], overlay: str) -> None:
+    """The picker serves the certificate its layout issues; Envoy Gateway, Prometheus and the probes trust it for
+    the same name; with mutual TLS each of them presents a client certificate from the same CA."""
+    objs = renders[overlay]
+    configs = dict(picker_configs(objs))
+    tls_config = load_config_text(configs["extproc-router/extproc"])
+    tls = tls_config.server.tls
+    assert tls is not None, f"manifests/{overlay}: the picker has no server.tls"
+    # Nothing else differs from the plaintext picker's configuration.
+    plain = load_config_text(dict(picker_configs(renders["multi-model"]))["extproc-router/extproc"])
+    assert tls_config.model_copy(update={"server": tls_config.server.model_copy(update={"tls": None})}) == plain
+    template, picker = _picker_container(objs)
+    secret = _mounted_volume(template, picker, tls.cert_file)["secret"]["secretName"]
+    assert _mounted_volume(template, picker, tls.key_file)["secret"]["secretName"] == secret
+    service = named(objs, "Service", "extproc-router")
+    grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
+    policy = backend_tls_policy(objs, "extproc-router", "grpc")
+    assert policy is not None and "appProtocol" not in grpc_port
+    hostname = policy["spec"]["validation"]["hostname"]
+    issued = secret_issuer(objs, secret)
+    if issued is not None:  # cert-manager
+        assert hostname in issued["spec"]["dnsNames"] and "server auth" in issued["spec"]["usages"]
+        issuer = issued["spec"]["issuerRef"]["name"]
+    else:  # OpenShift's service CA issues <service>.<namespace>.svc for the annotated Service
+        assert service["metadata"]["annotations"]["service.beta.openshift.io/serving-cert-secret-name"] == secret
+        assert hostname == f"extproc-router.{NAMESPACE}.svc"
+        issuer = None
+    for ref in policy["spec"]["validation"]["caCertificateRefs"]:  # the CA Envoy Gateway trusts signs the picker's
+        if ref["kind"] == "Secret":
+            assert secret_issuer(objs, ref["name"])["spec"]["issuerRef"]["name"] == issuer
+        else:
+            cm = named(objs, "ConfigMap", ref["name"])
+            assert (
+                issuer is None and cm["metadata"]["annotations"]["service.beta.openshift.io/inject-cabundle"] == "true"
+            )
+    monitor = next(e for e in named(objs, "ServiceMonitor", "extproc-router")["spec"]["endpoints"])
+    assert monitor["scheme"] == "https" and monitor["tlsConfig"]["serverName"] == hostname
+    if tls.client_ca_file is not None:  # mutual TLS: every client has a certificate from the picker's CA
+        assert _mounted_volume(template, picker, tls.client_ca_file)["secret"]["secretName"] == secret
+        proxy = kind_of(objs, "EnvoyProxy")[0]["spec"]["backendTLS"]["clientCertificateRef"]
+        client = secret_issuer(objs, proxy["name"])
+        assert client["spec"]["issuerRef"]["name"] == issuer and "client auth" in client["spec"]["usages"]
+        assert monitor["tlsConfig"]["cert"]["secret"]["name"] == monitor["tlsConfig"]["keySecret"]["name"]
+        assert secret_issuer(objs, monitor["tlsConfig"]["keySecret"]["name"])["spec"]["issuerRef"]["name"] == issuer
+        assert "client auth" in issued["spec"]["usages"]  # the probes present the pod's own certificate
+    for kind in ("readinessProbe", "livenessProbe"):  # over TLS, for the same name, files from the pod's volumes
+        command = picker[kind]["exec"]["command"]
+        assert command[:5] == ["python3", "-m", "extproc.tls", f"127.0.0.1:{grpc_port['port']}", kind[:-5]]
+        assert command[command.index("--server-name") + 1] == hostname
+        for option in ("--ca", "--cert", "--key"):
+            if option in command:
+                _mounted_volume(template, picker, command[command.index(option) + 1])
+        assert ("--cert" in command) == (tls.client_ca_file is not None)
+
+
+def test_tls_hand_checks_catch_mistakes(renders: dict[str, list[Obj]]) -> None:
+    objs = renders["tls"]
+    policy = copy.deepcopy(named(objs, "BackendTLSPolicy", "extproc-router"))
+    policy["spec"]["validation"]["wellKnownCACertificates"] = "System"  # CEL: not with caCertificateRefs
+    with pytest.raises(AssertionError):
+        check_backend_tls_policy(policy, objs)
+    policy = copy.deepcopy(named(objs, "BackendTLSPolicy", "extproc-router"))
+    policy["spec"]["targetRefs"][0]["sectionName"] = "grcp"
+    with pytest.raises(AssertionError, match="grcp"):
+        check_backend_tls_policy(policy, objs)
+    cert = copy.deepcopy(named(objs, "Certificate", "extproc-router-tls"))
+    cert["spec"]["usages"].append("server-auth")
+    with pytest.raises(AssertionError, match="server-auth"):
+        check_certificate(cert, objs)
+    cert = copy.deepcopy(named(objs, "Certificate", "extproc-router-tls"))
+    cert["spec"]["dnsName"] = cert["spec"].pop("dnsNames")
+    with pytest.raises(AssertionError, match="dnsName"):
+        check_certificate(cert, objs)
+
+
+@pytest.mark.parametrize("overlay", TLS_OVERLAYS)
+def test_tls_picker_probes_work_against_a_real_picker(
+    renders: dict[str, list[Obj]], overlay: str, tmp_path: Path
+) -> None:
+    """The TLS overlays' exec probes and server.tls, run for real: the container's files are laid out under a
+    temporary root (a certificate for the policy's hostname, server and client auth like cert-manager's)."""
+    from extproc.local.certs import issue, make_ca
+
+    objs = renders[overlay]
+    _, picker = _picker_container(objs)
+    tls = load_config_text(dict(picker_configs(objs))["extproc-router/extproc"]).server.tls
+    hostname = backend_tls_policy(objs, "extproc-router", "grpc")["spec"]["validation"]["hostname"]
+    root = tmp_path / "root"
+    ca = make_ca(tmp_path / "ca")
+    cert, key = root / tls.cert_file.lstrip("/"), root / tls.key_file.lstrip("/")
+    cert.parent.mkdir(parents=True)
+    issue(ca, cert, key, hostname, [hostname], "serverAuth,clientAuth")
+    probes = {kind: picker[kind]["exec"]["command"] for kind in ("readinessProbe", "livenessProbe")}
+    for command in probes.values():  # the CA files the probes (and client_ca_file) read, wherever they are mounted
+        for path in [command[command.index("--ca") + 1], tls.client_ca_file]:
+            if path and not (root / path.lstrip("/")).exists():
+                (root / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ca.ca, root / path.lstrip("/"))
+    port = free_port()
+    server_tls = {k: str(root / v.lstrip("/")) for k, v in tls.model_dump(exclude_none=True).items()}
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {
+                    "listen": f"127.0.0.1:{port}",
+                    "metrics_listen": f"127.0.0.1:{free_port()}",
+                    "tls": server_tls,
+                },
+                "pools": [{"name": "a", "models": ["m"], "endpoints": {"static": ["127.0.0.1:9"]}}],
+            }
+        )
+    )
+
+    def run(command: list[str]) -> int:
+        argv = [sys.executable, *command[1:]]
+        argv[3] = f"127.0.0.1:{port}"
+        argv = [str(root / a.lstrip("/")) if a.startswith("/var/") else a for a in argv]
+        return subprocess.run(argv, capture_output=True, timeout=30).returncode
+
+    assert run(probes["readinessProbe"]) != 0  # nothing listening yet
+    child = Child("extproc", extproc_argv("serve", "--config", str(config)), tmp_path / "logs")
+    try:
+        deadline = time.monotonic() + 20
+        while run(probes["readinessProbe"]) != 0:
+            assert child.alive() and time.monotonic() < deadline, child.log_tail()
+            time.sleep(0.2)
+        assert run(probes["livenessProbe"]) == 0
+    finally:
+        child.stop()

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.envoy.run import envoy_binary
 from extproc.local.stack import PoolSpec, Stack, start_stack
-from tests.helpers import metrics, post, request
+from tests.helpers import get, metrics, post, request, wait_until
 
 try:
     envoy_binary()
@@ -47,12 +47,40 @@ def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
         pools = kw.pop("pools", None) or [PoolSpec("1b", MODEL, replicas, sim_args)]
         stack = start_stack(tmp_path / f"stack{len(stacks)}", pools, **kw)
         stacks.append(stack)
-        time.sleep(0.3)  # a few scrape intervals, so every endpoint has a fresh snapshot
+        wait_fresh(stack)
         return stack
 
     yield make
     for stack in stacks:
         stack.stop()
+
+
+def picker_samples(stack: Stack, prefix: str) -> dict[str, float]:
+    """The picker's samples whose key (name{sorted labels}) starts with ``prefix``."""
+    return {k: v for k, v in metrics(stack.metrics_url.removesuffix("/metrics")).items() if k.startswith(prefix)}
+
+
+def wait_fresh(stack: Stack, timeout: float = 10.0) -> None:
+    """Wait until the picker has a fresh scrape of every simulator (extproc_endpoint_up is 1 for each)."""
+    if stack.extproc is None:
+        return
+    addresses = {r.address for replicas in stack.sims.values() for r in replicas}
+    deadline = time.monotonic() + timeout
+    while True:
+        up = {
+            k.split("endpoint=", 1)[1].split(",", 1)[0]
+            for k, v in picker_samples(stack, "extproc_endpoint_up{").items()
+            if v == 1
+        }
+        if addresses <= up:
+            return
+        assert time.monotonic() < deadline, f"no fresh scrape of {sorted(addresses - up)} after {timeout}s"
+        time.sleep(0.02)
+
+
+def picker_routed(stack: Stack) -> float:
+    """Requests the picker has answered so far (every outcome)."""
+    return sum(picker_samples(stack, "extproc_requests_total").values())
 
 
 def send(stack: Stack, body: dict[str, Any] | bytes, path: str = "/v1/chat/completions", **kw: Any):
@@ -130,34 +158,63 @@ def test_a_saturated_endpoint_loses_even_with_a_prefix_match(make_stack) -> None
     asyncio.run(flood())
 
 
+def envoy_stat(stack: Stack, name: str) -> int:
+    """One counter from Envoy's admin /stats (e.g. http.gateway.ext_proc.failure_mode_allowed)."""
+    for line in get(f"http://127.0.0.1:{stack.admin_port}/stats?filter=^{name}$").body.decode().splitlines():
+        key, _, value = line.partition(": ")
+        if key == name:
+            return int(value)
+    return 0
+
+
 def test_killing_the_extproc_falls_back_to_envoy_balancing(make_stack) -> None:
+    """SIGKILL under load: no request fails, and the load goes on long after the picker is gone.
+
+    Counted from the moment the picker is reaped: requests that started after it cannot have been picked, and
+    the test goes on until 60 of them have completed (whatever the machine's speed), all 200, spread by Envoy.
+    """
     stack = make_stack(replicas=2)
-    statuses: list[int] = []
-    upstreams: set[str] = set()
+    assert stack.extproc is not None
+    picker = stack.extproc.proc
+    done: list[tuple[float, int, str, str]] = []  # (start, status, upstream, picked) per completed request
+    dead_at: list[float] = []  # when the picker was reaped
+    wanted_after = 60
+
+    def started_after_death() -> int:
+        return sum(1 for start, *_ in done if dead_at and start > dead_at[0])
 
     async def load() -> None:
         async with aiohttp.ClientSession() as session:
 
             async def worker(w: int) -> None:
-                for i in range(40):
+                for i in range(2000):
+                    if started_after_death() >= wanted_after:
+                        return
                     body = chat([{"role": "user", "content": f"w{w} r{i} " + text(100, i)}])
+                    start = time.monotonic()
                     async with session.post(f"{stack.gateway}/v1/chat/completions", json=body) as r:
                         await r.read()
-                        statuses.append(r.status)
-                        upstreams.add(r.headers.get(UPSTREAM, ""))
+                        done.append((start, r.status, r.headers.get(UPSTREAM, ""), r.headers.get(PICKED, "")))
+                raise AssertionError("2000 requests and still not enough after the kill")
 
             async def killer() -> None:
-                await asyncio.sleep(0.3)
-                assert stack.extproc is not None
-                stack.extproc.proc.send_signal(signal.SIGKILL)
+                await wait_until(lambda: len(done) >= 20, 30, "20 requests through the picker")
+                picker.send_signal(signal.SIGKILL)
+                await asyncio.to_thread(picker.wait, 10)
+                dead_at.append(time.monotonic())
 
             await asyncio.gather(killer(), *(worker(w) for w in range(4)))
 
     asyncio.run(load())
-    assert stack.extproc is not None and stack.extproc.proc.wait(5) == -signal.SIGKILL
-    assert len(statuses) == 160
-    assert set(statuses) == {200}
-    assert upstreams == {r.address for r in stack.sims["1b"]}
+    assert picker.returncode == -signal.SIGKILL
+    assert [d for d in done if d[1] != 200] == []  # failed: 0, before, during and after the kill
+    before = [d for d in done if d[0] < dead_at[0] and d[3]]
+    after = [d for d in done if d[0] > dead_at[0]]
+    assert len(before) >= 20 and all(d[2] == d[3].split(",")[0] for d in before)  # the picker's picks
+    assert len(after) >= wanted_after
+    assert all(d[3] == "" for d in after)  # nobody picked these: Envoy balanced them itself
+    assert {d[2] for d in after} == {r.address for r in stack.sims["1b"]}
+    assert envoy_stat(stack, "http.gateway.ext_proc.failure_mode_allowed") >= len(after)
 
 
 def test_a_spoofed_destination_never_leaves_the_pool(make_stack, start_simulator) -> None:
@@ -265,20 +322,53 @@ def test_unix_socket_health_and_graceful_sigterm(make_stack, tmp_path: Path) -> 
             assert status == health_pb2.HealthCheckResponse.SERVING
     assert send(stack, chat([{"role": "user", "content": "via a unix socket"}])).headers[PICKED]
 
-    async def in_flight_then_sigterm() -> list[int]:
-        async with aiohttp.ClientSession() as session:
-            body = chat([{"role": "user", "content": "slow"}], max_tokens=60)  # ~0.25 s each
+    assert stack.extproc is not None
+    picker = stack.extproc.proc
+
+    async def in_flight_then_sigterm() -> list[tuple[int, str, str]]:
+        async with (
+            grpc.aio.insecure_channel(f"unix:{socket_path}") as channel,
+            aiohttp.ClientSession() as session,
+        ):
+            # Opened before SIGTERM: once the server shuts down it accepts no new call, a readiness Check included.
+            readiness = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="readiness"))
+            assert (await readiness.read()).status == health_pb2.HealthCheckResponse.SERVING
+            routed = picker_routed(stack)
+            body = chat([{"role": "user", "content": "slow"}], max_tokens=250)  # ~1 s each
             tasks = [
                 asyncio.create_task(session.post(f"{stack.gateway}/v1/chat/completions", json=body)) for _ in range(6)
             ]
-            await asyncio.sleep(0.05)
-            assert stack.extproc is not None
-            stack.extproc.proc.send_signal(signal.SIGTERM)
+            await wait_until(lambda: picker_routed(stack) >= routed + 6, 10, "the picker to route all 6")
+            picker.send_signal(signal.SIGTERM)
+            update = await asyncio.wait_for(readiness.read(), 5)
+            # NOT_SERVING during the grace period: the picker is still up and requests are still in flight.
+            assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert picker.poll() is None and not all(t.done() for t in tasks)
             responses = await asyncio.gather(*tasks)
             for r in responses:
                 r.release()
-            return [r.status for r in responses]
+            readiness.cancel()
+            return [(r.status, r.headers.get(UPSTREAM, ""), r.headers.get(PICKED, "")) for r in responses]
 
-    assert asyncio.run(in_flight_then_sigterm()) == [200] * 6
-    assert stack.extproc is not None
-    assert stack.extproc.proc.wait(10) == 0
+    finished = asyncio.run(in_flight_then_sigterm())
+    assert [status for status, _, _ in finished] == [200] * 6
+    assert all(picked.split(",")[0] == upstream for _, upstream, picked in finished)  # picked, not failed open
+    assert picker.wait(10) == 0
+
+
+def test_the_fallback_serves_when_the_pick_refuses(make_stack) -> None:
+    """A replica that died after its last scrape is still fresh to the picker; its requests must land on the
+    fallback the picker named second, as the upstream header shows (Envoy's override_host moves to the next
+    address only on a retry: without the routes' retry policy these are 503s)."""
+    stack = make_stack(replicas=2, settings={"scrape": {"interval": 3600, "stale_after": 7200}})
+    dead, alive = stack.sims["1b"]
+    dead.child.stop()
+    assert list(picker_samples(stack, f"extproc_endpoint_up{{endpoint={dead.address},").values()) == [1.0]  # fresh
+    served = []
+    for i in range(10):
+        reply = send(stack, chat([{"role": "user", "content": f"to the fallback {i}"}]))
+        served.append((reply.status, reply.headers.get(PICKED, "").split(","), reply.headers.get(UPSTREAM)))
+    on_dead = [s for s in served if s[1][0] == dead.address]
+    assert len(on_dead) >= 3, served  # the picker keeps naming the dead replica first (least recently picked)
+    assert all(status == 200 and upstream == picked[1] == alive.address for status, picked, upstream in on_dead), served
+    assert all(status == 200 for status, _, _ in served)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import orjson
 import pytest
 import yaml
 from google.protobuf.struct_pb2 import Struct
+from prometheus_client.parser import text_string_to_metric_families
 
 from extproc import names
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
@@ -21,7 +23,8 @@ POOL_B = ["127.0.0.1:3", "127.0.0.1:4"]
 
 
 @pytest.fixture(scope="module")
-def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ep_grpc.ExternalProcessorStub]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """`extproc serve` for the module: its gRPC address and its metrics URL."""
     tmp: Path = tmp_path_factory.mktemp("grpc")
     listen, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     config = {
@@ -37,10 +40,25 @@ def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ep_grpc.ExternalP
     child = Child("extproc", extproc_argv("serve", "--config", str(path)), tmp)
     try:
         child.wait_http(f"http://{metrics}/metrics")
-        with grpc.insecure_channel(listen) as channel:
-            yield ep_grpc.ExternalProcessorStub(channel)
+        yield listen, f"http://{metrics}/metrics"
     finally:
         child.stop()
+
+
+@pytest.fixture(scope="module")
+def listen(server: tuple[str, str]) -> str:
+    return server[0]
+
+
+@pytest.fixture(scope="module")
+def channel(listen: str) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(listen) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def stub(channel: grpc.Channel) -> ep_grpc.ExternalProcessorStub:
+    return ep_grpc.ExternalProcessorStub(channel)
 
 
 def headers(path: str = "/v1/chat/completions", method: str = "POST", end: bool = False, **kw) -> ep.ProcessingRequest:
@@ -137,6 +155,56 @@ def test_subset_hint_restricts_the_pick(stub) -> None:
     assert orjson.loads(second.immediate_response.body)["error"]["code"] == 503
 
 
+def hinted(*addresses: str, route: Struct | None = None) -> ep.ProcessingRequest:
+    """Request headers with a GIE subset hint (and optionally Envoy's route attributes)."""
+    metadata = ep.ProcessingRequest().metadata_context
+    hint = Struct()
+    hint.update({names.SUBSET_KEY: list(addresses)})
+    metadata.filter_metadata[names.SUBSET_NAMESPACE].CopyFrom(hint)
+    attributes = {"envoy.filters.http.ext_proc": route} if route is not None else {}
+    return headers(metadata_context=metadata, attributes=attributes)
+
+
+def test_a_subset_hint_of_another_models_pool_is_refused_not_rewritten(stub) -> None:
+    """The hint names where a request may go; endpoints serving another model never serve it (503, no rewrite)."""
+    _, second = exchange(stub, [hinted(POOL_B[0]), body(chat("model-a"))])
+    immediate = second.immediate_response
+    assert immediate.status.code == 503
+    error = orjson.loads(immediate.body)["error"]
+    assert error == {
+        "message": "no endpoint of the subset hint serves model 'model-a' (they serve model-b, model-b-alias)",
+        "type": "unavailable",
+        "param": "model",
+        "code": 503,
+    }
+    # A hint over both pools: the pool serving the model, only its hinted endpoint, the body untouched.
+    for model, expected in (("model-a", POOL_A[1]), ("model-b-alias", POOL_B[0])):
+        _, second = exchange(stub, [hinted(POOL_A[1], POOL_B[0]), body(chat(model))])
+        assert pick_of(second)[0] == [expected]
+        assert not second.request_body.response.HasField("body_mutation")
+    # "auto" asks for any model: the hint's pool serves it under its own name.
+    _, second = exchange(stub, [hinted(POOL_B[1]), body(chat("auto"))])
+    assert pick_of(second)[0] == [POOL_B[1]]
+    assert rewritten_body(second)[0]["model"] == "model-b"
+    # An unknown model is 404 whatever the hint.
+    _, second = exchange(stub, [hinted(POOL_B[1]), body(chat("no-such-model"))])
+    assert second.immediate_response.status.code == 404
+
+
+def test_a_subset_hint_outside_the_routed_pool_reroutes_envoy(stub) -> None:
+    """Envoy's default route holds pool a's cluster: a pick in pool b must move the request there."""
+    default_route = Struct()
+    default_route.update({names.CLUSTER_ATTRIBUTE: "pool-a", names.ROUTE_ATTRIBUTE: names.DEFAULT_ROUTE})
+    _, second = exchange(stub, [hinted(POOL_B[0], route=default_route), body(chat("model-b"))])
+    endpoints, set_headers, cleared = pick_of(second)
+    assert endpoints == [POOL_B[0]] and set_headers[names.POOL_HEADER] == "b" and cleared
+    path_route = Struct()
+    path_route.update({names.CLUSTER_ATTRIBUTE: "pool-b", names.ROUTE_ATTRIBUTE: "b-by-path"})
+    _, second = exchange(stub, [hinted(POOL_B[0], route=path_route), body(chat("model-b"))])
+    endpoints, set_headers, cleared = pick_of(second)
+    assert endpoints == [POOL_B[0]] and names.POOL_HEADER not in set_headers and not cleared
+
+
 def test_a_request_without_body_is_picked_on_its_headers(stub) -> None:
     (only,) = exchange(stub, [headers("/v1/models/model-a", "GET", end=True)])
     assert only.WhichOneof("response") == "request_headers"
@@ -163,6 +231,49 @@ def test_bad_bodies_get_immediate_json_errors(stub, payload: bytes, status: int)
     assert error["code"] == status and error["message"]
     content_type = {o.header.key: o.header.raw_value for o in immediate.headers.set_headers}["content-type"]
     assert content_type == b"application/json"
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"1" + b"]" * depth
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "pool"),
+    [
+        # the parser recurses per level of a prompt list: RecursionError near 500
+        ("/v1/completions", b'{"model": "model-a", "prompt": ' + nested(800) + b"}", None),
+        # a non-text content part is rendered by orjson, which writes 254 levels (and reads 1,024)
+        ("/v1/chat/completions", b'{"messages": [{"role": "u", "content": [' + nested(300) + b"]}]}", None),
+        # the model rewrite for the drawn pool re-serialises the body
+        ("/v1/chat/completions", orjson.dumps(chat("auto"))[:-1] + b', "x": ' + nested(300) + b"}", "b"),
+    ],
+    ids=["prompt-lists", "content-part", "model-rewrite"],
+)
+def test_bodies_nested_too_deeply_are_400_not_a_broken_stream(stub, path: str, payload: bytes, pool: str) -> None:
+    metadata = [(names.POOL_METADATA, pool)] if pool else []
+    _, second = exchange(stub, [headers(path), body(payload)], metadata=metadata)
+    assert second.immediate_response.status.code == 400
+    error = orjson.loads(second.immediate_response.body)["error"]
+    assert error == {"message": "request body is nested too deeply", "type": "invalid_request_error",
+                     "param": None, "code": 400}  # fmt: skip
+    _, second = exchange(stub, [headers(), body(chat())])  # and the server still serves
+    assert second.WhichOneof("response") == "request_body"
+
+
+def test_bytes_that_are_no_processing_request_end_the_stream_with_invalid_argument(stub, channel) -> None:
+    raw = channel.stream_stream(  # without the request serializer: bytes go out as they are
+        "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+        request_serializer=None,
+        response_deserializer=ep.ProcessingResponse.FromString,
+    )
+    good = ep.ProcessingRequest(request_trailers=ep.HttpTrailers()).SerializeToString()
+    for messages in ([b"\xff\xff\xff"], [good, b"\x0a\x05"]):
+        with pytest.raises(grpc.RpcError) as caught:
+            list(raw(iter(messages), timeout=10))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details() == "malformed ProcessingRequest"
+    (only,) = exchange(stub, [ep.ProcessingRequest(request_trailers=ep.HttpTrailers())])
+    assert only.WhichOneof("response") == "request_trailers"
 
 
 def test_large_bodies_fit_through_grpc(stub) -> None:
@@ -213,3 +324,20 @@ def test_the_gateway_lists_every_model(stub) -> None:
     # A pool's own path still reaches that pool's servers.
     (only,) = exchange(stub, [headers("/v1/models", "GET", end=True)], metadata=[(names.POOL_METADATA, "b")])
     assert pick_of(only)[0][0] in POOL_B
+
+
+def test_route_names_from_the_attributes_cannot_grow_the_metric_series(stub, server) -> None:
+    """Envoy sends a handful of route names; a client speaking gRPC directly could send one per request."""
+    for i in range(100):
+        route = Struct()
+        route.update({names.CLUSTER_ATTRIBUTE: "pool-a", names.ROUTE_ATTRIBUTE: f"invented-{i}"})
+        _, second = exchange(stub, [headers(attributes={"envoy.filters.http.ext_proc": route}), body(chat())])
+        assert second.WhichOneof("response") == "request_body"
+    text = urllib.request.urlopen(server[1], timeout=5).read().decode()
+    routes = {
+        s.labels["route"]
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if family.name == "extproc_requests"
+    }
+    assert "other" in routes and len(routes) <= 64 + 1, len(routes)

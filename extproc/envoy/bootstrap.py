@@ -10,7 +10,7 @@ choice. The typed messages and their import cost: `extproc.envoy.proto`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -18,6 +18,9 @@ from extproc.config import Config
 from extproc.envoy.clusters import Fallback, ext_proc_cluster, pool_cluster, write_initial_eds
 from extproc.envoy.listener import EXT_PROC_FILTER, PROCESSING_MODE, gateway_listener
 from extproc.envoy.proto import SNAKE, address, bootstrap, core
+
+if TYPE_CHECKING:
+    from extproc.tls import ClientTls
 
 
 def build_bootstrap_message(
@@ -34,6 +37,7 @@ def build_bootstrap_message(
     node_id: str = "extproc-gateway",
     eds_dir: str | None = None,
     write_eds_files: bool = True,
+    ext_proc_tls: ClientTls | None = None,
 ) -> bootstrap.Bootstrap:
     """The typed bootstrap.
 
@@ -45,7 +49,25 @@ def build_bootstrap_message(
     ``<eds_dir>/pool-<name>.json``; unless ``write_eds_files`` is False, the files Envoy needs to start are
     written here (`write_initial_eds`: static pools' members; DNS pools empty unless already there, the
     ext_proc resolves them). Envoy rejects a bootstrap whose EDS file is missing.
+
+    ``ext_proc_tls`` makes Envoy reach the ext_proc over TLS (mTLS with a client certificate); a configuration with
+    ``server.tls`` requires it, since its picker accepts nothing else.
     """
+    tls = config.server.tls
+    if tls is not None and ext_proc_tls is None:
+        raise ValueError(
+            "server.tls is set, so the picker accepts only TLS: give Envoy the CA of its certificate (--ext-proc-ca)"
+            + (
+                ", and a client certificate from server.tls.client_ca_file's CA (--ext-proc-cert, --ext-proc-key)"
+                if tls.client_ca_file
+                else ""
+            )
+        )
+    if tls is not None and tls.client_ca_file and ext_proc_tls is not None and ext_proc_tls.cert_file is None:
+        raise ValueError(
+            "server.tls.client_ca_file is set, so the picker refuses clients without a certificate: give Envoy one "
+            "signed by that CA (--ext-proc-cert, --ext-proc-key)"
+        )
     if message_timeout_ms < 0:
         raise ValueError("message_timeout_ms must be >= 0")
     buffer_limit = config.limits.envoy_buffer_bytes if max_request_bytes is None else max_request_bytes
@@ -68,8 +90,8 @@ def build_bootstrap_message(
         static_resources=bootstrap.BootstrapStaticResources(
             listeners=[gateway],
             clusters=[
-                ext_proc_cluster(ext_proc or config.server.listen),
-                *(pool_cluster(pool, fallback, eds_dir) for pool in config.pools),
+                ext_proc_cluster(ext_proc or config.server.listen, ext_proc_tls),
+                *(pool_cluster(pool, fallback, eds_dir, config.gateway) for pool in config.pools),
             ],
         ),
     )

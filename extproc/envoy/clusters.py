@@ -13,11 +13,12 @@ changes (Envoy watches the directory: no restart).
 from __future__ import annotations
 
 import ipaddress
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from extproc.config import Config, Pool, parse_host_port
+from extproc.config import Config, Gateway, Pool, parse_host_port
 from extproc.datalayer.eds import eds_path, write_eds
 from extproc.envoy.proto import (
     AnyProto,
@@ -29,6 +30,7 @@ from extproc.envoy.proto import (
     dns_common,
     endpoint,
     least_request,
+    matcher,
     metadata,
     override_host,
     round_robin,
@@ -37,6 +39,13 @@ from extproc.envoy.proto import (
     upstream_http,
 )
 from extproc.names import DESTINATION_KEY, LB_NAMESPACE
+
+with warnings.catch_warnings():  # envoy-data-plane's classes trip pydantic deprecation warnings on import
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from envoy_data_plane.envoy.type import v3 as envoy_type
+
+if TYPE_CHECKING:
+    from extproc.tls import ClientTls
 
 # Pool clusters carry their pool name as metadata, so a formatter can name the pool without the "pool-" prefix.
 CLUSTER_METADATA_NAMESPACE = "extproc"
@@ -96,14 +105,29 @@ def _override_host_policy(fallback: Fallback) -> cluster.LoadBalancingPolicy:
     )
 
 
-def pool_cluster(pool: Pool, fallback: Fallback, eds_dir: str | None = None) -> cluster.Cluster:
-    """The pool's cluster: EDS from ``eds_dir`` if given, else its static members or its DNS name."""
+def _retry_budget(gateway: Gateway) -> cluster.CircuitBreakers:
+    """Retries in flight per pool: at most ``retry_budget_percent`` of its active requests, at least
+    ``retry_budget_min_concurrency``. Without a budget Envoy allows 3 retries at once per cluster, fewer than the
+    requests in flight on one replica that dies; with it, a pool that fails as a whole is not hammered by retries."""
+    budget = cluster.CircuitBreakersThresholdsRetryBudget(
+        budget_percent=envoy_type.Percent(value=gateway.retry_budget_percent),
+        min_retry_concurrency=gateway.retry_budget_min_concurrency,
+    )
+    return cluster.CircuitBreakers(thresholds=[cluster.CircuitBreakersThresholds(retry_budget=budget)])
+
+
+def pool_cluster(
+    pool: Pool, fallback: Fallback, eds_dir: str | None = None, gateway: Gateway | None = None
+) -> cluster.Cluster:
+    """The pool's cluster: EDS from ``eds_dir`` if given, else its static members or its DNS name; ``gateway``
+    (default: its defaults) sets the retry budget."""
     name = pool_cluster_name(pool)
     common: dict[str, Any] = {
         "name": name,
         "connect_timeout": seconds(1),
         "typed_extension_protocol_options": _protocol_options(http2=False),
         "load_balancing_policy": _override_host_policy(fallback),
+        "circuit_breakers": _retry_budget(gateway or Gateway()),
         # The pool's name without the cluster prefix, for the x-gateway-pool response header (CLUSTER_METADATA).
         "metadata": core.Metadata(
             filter_metadata={CLUSTER_METADATA_NAMESPACE: Struct.from_dict({CLUSTER_METADATA_POOL: pool.name})}
@@ -186,13 +210,62 @@ def _is_hostname(value: str) -> bool:
     return False
 
 
-def ext_proc_cluster(ext_proc: str) -> cluster.Cluster:
+def _ext_proc_tls(targets: Sequence[str], tls: ClientTls) -> core.TransportSocket:
+    """Envoy's TLS to the picker (server.tls): its certificate must chain to ``tls.ca_file`` and name
+    ``tls.server_name`` (default: one of the targets' hosts), and with a client certificate Envoy presents it (mTLS).
+
+    Envoy reads these files when it starts: a new client certificate or CA for Envoy needs an Envoy restart (the
+    picker's own certificate rotates without one)."""
+    from envoy_data_plane.envoy.extensions.transport_sockets.tls import v3 as tls_v3
+
+    san = tls_v3.SubjectAltNameMatcherSanType
+    if tls.server_name:
+        names = [tls.server_name]
+    else:
+        names = list(dict.fromkeys(parse_host_port(t)[0] for t in targets if not t.startswith("unix:")))
+    if not names:
+        raise ValueError("ext_proc TLS over a unix socket: give the name in the picker's certificate (server_name)")
+    ips = {n for n in names if _is_ip(n)}
+    matchers = [
+        tls_v3.SubjectAltNameMatcher(
+            san_type=san.IP_ADDRESS if n in ips else san.DNS, matcher=matcher.StringMatcher(exact=n)
+        )
+        for n in names
+    ]
+    common_tls = tls_v3.CommonTlsContext(
+        alpn_protocols=["h2"],
+        validation_context=tls_v3.CertificateValidationContext(
+            trusted_ca=core.DataSource(filename=tls.ca_file), match_typed_subject_alt_names=matchers
+        ),
+    )
+    if tls.cert_file and tls.key_file:
+        common_tls.tls_certificates = [
+            tls_v3.TlsCertificate(
+                certificate_chain=core.DataSource(filename=tls.cert_file),
+                private_key=core.DataSource(filename=tls.key_file),
+            )
+        ]
+    sni = next((n for n in names if n not in ips), "")  # SNI carries a name, never an IP address
+    context = tls_v3.UpstreamTlsContext(common_tls_context=common_tls, sni=sni)
+    return core.TransportSocket(name="envoy.transport_sockets.tls", typed_config=AnyProto.pack(context))
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def ext_proc_cluster(ext_proc: str, tls: ClientTls | None = None) -> cluster.Cluster:
     """HTTP/2 to the ext_proc: a STATIC cluster for IPs or unix sockets; for a name (a compose service, a Kubernetes
     Service) DNS, one logical host re-resolved every few seconds, so the ext_proc can move without an Envoy restart.
 
     ``ext_proc`` may list several replicas, comma-separated (``10.0.0.5:9002,10.0.0.6:9002``, or compose service
     names): each is a host of the cluster, and Envoy spreads the ext_proc streams (one per request) over them
-    round robin. Replicas that should decide alike share their state (``state.backend: redis``)."""
+    round robin. Replicas that should decide alike share their state (``state.backend: redis``). With ``tls`` the
+    connections are TLS (mTLS with a client certificate), for a picker with ``server.tls``."""
     targets = [t.strip() for t in ext_proc.split(",") if t.strip()]
     if not targets:
         raise ValueError("ext_proc: no address given")
@@ -202,6 +275,8 @@ def ext_proc_cluster(ext_proc: str) -> cluster.Cluster:
         "typed_extension_protocol_options": _protocol_options(http2=True),
         "load_assignment": _load_assignment(EXT_PROC_CLUSTER, [address(t) for t in targets]),
     }
+    if tls is not None:
+        common["transport_socket"] = _ext_proc_tls(targets, tls)
     if not any(_is_hostname(t) for t in targets):
         return cluster.Cluster(type=cluster.ClusterDiscoveryType.STATIC, **common)
     discovery = dns_cluster.DnsCluster(

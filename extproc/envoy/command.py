@@ -10,9 +10,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from extproc.cli import DefaultsHelp
 from extproc.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from extproc.tls import ClientTls
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +28,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="ext_proc address, host:port or unix:/path, or several replicas comma-separated (default: server.listen)",
     )
+    tls = p.add_argument_group("TLS to the ext_proc (a picker with server.tls; docs/tls.md); paths as Envoy sees them")
+    tls.add_argument("--ext-proc-ca", help="CA that signed the picker's certificate; turns TLS on")
+    tls.add_argument(
+        "--ext-proc-server-name",
+        help="name the picker's certificate must carry, also sent as SNI (default: the --ext-proc host(s))",
+    )
+    tls.add_argument("--ext-proc-cert", help="Envoy's client certificate, for a picker with server.tls.client_ca_file")
+    tls.add_argument("--ext-proc-key", help="the client certificate's private key")
     p.add_argument("--message-timeout-ms", type=int, default=200, help="ext_proc per-message timeout")
     p.add_argument(
         "--max-request-bytes", type=int, default=None, help="largest buffered request (default: limits.max_body_bytes)"
@@ -42,6 +54,22 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="-", help="output file ('-' = stdout)")
 
 
+def ext_proc_tls(args: argparse.Namespace) -> ClientTls | None:
+    """The --ext-proc-* TLS options as one setting (None: plaintext); ValueError naming a missing option."""
+    from extproc.tls import ClientTls
+
+    given = [o for o in ("server_name", "cert", "key") if getattr(args, f"ext_proc_{o}") is not None]
+    if args.ext_proc_ca is None:
+        if given:
+            raise ValueError(
+                f"--ext-proc-{given[0].replace('_', '-')} needs --ext-proc-ca (the CA of the picker's certificate)"
+            )
+        return None
+    if (args.ext_proc_cert is None) != (args.ext_proc_key is None):
+        raise ValueError("a client certificate needs both --ext-proc-cert and --ext-proc-key")
+    return ClientTls(args.ext_proc_ca, args.ext_proc_server_name, args.ext_proc_cert, args.ext_proc_key)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         from extproc.envoy.bootstrap import render_bootstrap  # Envoy's typed config: a second to import
@@ -49,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         text = render_bootstrap(
             config,
+            ext_proc_tls=ext_proc_tls(args),
             listen=args.listen,
             admin=args.admin,
             ext_proc=args.ext_proc,

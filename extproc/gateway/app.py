@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import signal
+import sys
 from pathlib import Path
 
 import grpc
@@ -32,6 +33,7 @@ from extproc.gateway.telemetry import StateCollector, Telemetry
 from extproc.scheduling.prefix.precise import PrecisePrefixScorer
 from extproc.scheduling.scheduler import Scheduler
 from extproc.state.replicator import Replicator
+from extproc.tls import CertificateFiles, grpc_server_credentials
 
 log = logging.getLogger("extproc")
 
@@ -70,6 +72,8 @@ class App:
         if self.director.tokenizer is not None:
             self.telemetry.registry.register(RenderCollector(self.director.tokenizer.stats))
         self.health = health.aio.HealthServicer()
+        # server.tls: the files are checked here, before anything starts (ConfigError naming the field).
+        self.tls = CertificateFiles.from_config(config.server.tls) if config.server.tls is not None else None
         self.server: grpc.aio.Server | None = None
         self.bound_port: int | None = None
         if config.server.eds_dir is not None:
@@ -102,7 +106,10 @@ class App:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         listen = self.config.server.listen
         try:
-            self.bound_port = server.add_insecure_port(listen)
+            if self.tls is None:
+                self.bound_port = server.add_insecure_port(listen)
+            else:
+                self.bound_port = server.add_secure_port(listen, grpc_server_credentials(self.tls))
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {listen}: {exc} (is the address in use?)") from None
         await server.start()
@@ -112,7 +119,7 @@ class App:
             await self.replicator.start()
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.telemetry.serve(self.config.server.metrics_listen)
+        self.telemetry.serve(self.config.server.metrics_listen, self.tls)
         if self.config_path is not None and self.config.server.reload_interval > 0:
             self._reload_task = asyncio.create_task(self._watch_config())
         # Everything allocated at start-up is long-lived: keep it out of the collector's full passes,
@@ -174,7 +181,8 @@ async def serve(config: Config, config_path: Path | None = None, reuse_port: boo
         loop.add_signal_handler(signal.SIGHUP, app.reload)
     pools = ", ".join(f"{p.name} ({', '.join(p.models)})" for p in config.pools)
     print(
-        f"extproc serve: ext_proc on {config.server.listen}, metrics on http://{config.server.metrics_listen}/metrics, "
+        f"extproc serve: ext_proc on {config.server.listen}{' (TLS)' if config.server.tls else ''}, metrics on "
+        f"{'https' if config.server.tls else 'http'}://{config.server.metrics_listen}/metrics, "
         f"pools: {pools}",
         flush=True,
     )
@@ -200,5 +208,8 @@ def run(config: Config, config_path: Path | None = None, reuse_port: bool = Fals
         runner(serve(config, config_path, reuse_port))
     except OSError as exc:
         print(f"extproc serve: error: {exc}", flush=True)
+        return 2
+    except ConfigError as exc:  # server.tls: a file missing, unreadable, not PEM, or the key not the certificate's
+        print(f"extproc serve: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -2,7 +2,8 @@
 
 A thin adapter: it reads each message into the stream's `RequestContext` (protocol.py knows the
 wire), hands the request to the `Director` at the headers and at the body, and writes the director's
-outcome back as the response to that message. Every other message kind is let through unchanged.
+outcome back as the response to that message. Every other message kind is let through unchanged; a
+message that is not a ProcessingRequest at all ends the stream with INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from extproc.gateway import protocol
@@ -29,16 +31,19 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         request = RequestContext(pool_hint=protocol.pool_hint(context.invocation_metadata()))
         director = self.director
         tokenized = director.tokenizer is not None  # a plugin scores the engine's tokens: render them first
-        async for message in request_iterator:
-            kind = message.WhichOneof("request")
-            if kind == "request_body":
-                request.body = message.request_body.body
-                if tokenized:
-                    yield protocol.answer(kind, await director.on_body_tokenized(request))
-                else:
-                    yield protocol.answer(kind, director.on_body(request))
-            elif kind == "request_headers":
-                protocol.read_headers(message, request)
-                yield protocol.answer(kind, director.on_headers(request))
-            elif kind is not None:
-                yield protocol.passthrough(kind)
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("request")
+                if kind == "request_body":
+                    request.body = message.request_body.body
+                    if tokenized:
+                        yield protocol.answer(kind, await director.on_body_tokenized(request))
+                    else:
+                        yield protocol.answer(kind, director.on_body(request))
+                elif kind == "request_headers":
+                    protocol.read_headers(message, request)
+                    yield protocol.answer(kind, director.on_headers(request))
+                elif kind is not None:
+                    yield protocol.passthrough(kind)
+        except DecodeError:  # bytes that are no ProcessingRequest: a status, not a logged traceback per message
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed ProcessingRequest")

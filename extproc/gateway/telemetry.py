@@ -22,13 +22,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from extproc import names
 from extproc.config import parse_host_port
 from extproc.gateway.context import BY_MODEL_ROUTE
+from extproc.tls import CertificateFiles, serve_https
 
 if TYPE_CHECKING:
     from extproc.config import Config
@@ -99,6 +100,12 @@ class Telemetry:
             ["model_name", "target_model_name", "error_code"],
             registry=r,
         )
+        self.plugin_errors = Counter(
+            "extproc_plugin_errors",
+            "Requests on which a scheduling plugin raised (routed by load instead), by the plugin's configured name.",
+            ["plugin"],
+            registry=r,
+        )
         self._decision_children: dict[str, Any] = {}
         self._request_children: dict[tuple[str, str, str, str], Any] = {}
         self._pick_children: dict[tuple[str, str], Any] = {}
@@ -139,6 +146,10 @@ class Telemetry:
         self._count_request(pool, model, route, code)
         self.objective_errors.labels(asked, model, code).inc()
 
+    def plugin_failed(self, plugin: str) -> None:
+        """A scheduling plugin raised on a request (the error path: no child cache needed)."""
+        self.plugin_errors.labels(plugin).inc()
+
     def forget_endpoint(self, address: str) -> None:
         """Drop an endpoint's series once it left every pool: pod addresses churn, series must not pile up."""
         for key in [k for k in self._pick_children if k[1] == address]:
@@ -155,10 +166,14 @@ class Telemetry:
     def watch(self, collector: StateCollector) -> None:
         self.registry.register(collector)
 
-    def serve(self, listen: str) -> None:
+    def serve(self, listen: str, tls: CertificateFiles | None = None) -> None:
+        """Serve /metrics on ``listen``: plaintext, or over TLS following ``tls``'s files (server.tls)."""
         host, port = parse_host_port(listen, "metrics_listen")
         try:
-            start_http_server(port, addr=host, registry=self.registry)
+            if tls is None:
+                start_http_server(port, addr=host, registry=self.registry)
+            else:
+                serve_https(host, port, make_wsgi_app(self.registry), tls)
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from None
 

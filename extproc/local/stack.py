@@ -11,12 +11,15 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from extproc.config import Config, parse_config, parse_host_port
 from extproc.local.procs import Child, extproc_argv, free_port, free_ports, start_sim
+
+if TYPE_CHECKING:
+    from extproc.local.certs import LocalCerts
 
 
 def local_address(listen: str) -> str:
@@ -82,6 +85,7 @@ class Stack:
     more_configs: list[tuple[Config, Path]] = field(default_factory=list)
     more_pickers: list[Child] = field(default_factory=list)
     workers: int = 1  # `extproc serve --workers N` per picker: worker i serves metrics on the metrics port + i
+    tls: LocalCerts | None = None  # the pickers serve TLS with these (server.tls), Envoy and waits use the client's
 
     @property
     def pickers(self) -> list[Child]:
@@ -104,7 +108,8 @@ class Stack:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{local_address(self.config.server.metrics_listen)}/metrics"
+        scheme = "https" if self.config.server.tls is not None else "http"
+        return f"{scheme}://{local_address(self.config.server.metrics_listen)}/metrics"
 
     def replica_by_address(self, address: str) -> SimReplica | None:
         for replicas in self.sims.values():
@@ -126,7 +131,12 @@ class Stack:
                 self.more_pickers.append(child)
             host, _, port = local_address(config.server.metrics_listen).rpartition(":")  # [v6] keeps its brackets
             for k in range(self.workers):  # every worker ready, not only the first
-                child.wait_http(f"http://{host}:{int(port) + k}/metrics")
+                if self.tls is None:
+                    child.wait_http(f"http://{host}:{int(port) + k}/metrics")
+                else:
+                    from extproc.local.certs import wait_https
+
+                    wait_https(child, f"https://{host}:{int(port) + k}/metrics", self.tls.client())
         assert self.extproc is not None
         return self.extproc
 
@@ -152,14 +162,16 @@ def start_stack(
     bootstrap_options: dict[str, Any] | None = None,
     pickers: int = 1,
     workers: int = 1,
+    tls: LocalCerts | None = None,
 ) -> Stack:
     """Start simulators for ``pools``, then the ext_proc (unless ``with_extproc`` is False), then Envoy.
 
     ``settings`` are extra top-level config sections (scheduler, scrape, limits, state) merged over
     the defaults. With ``pickers`` above 1, that many `extproc serve` replicas run the same configuration
     on their own ports, and Envoy's ext_proc cluster holds them all; with ``workers`` above 1 each of them is an
-    `extproc serve --workers N` (metrics ports allocated in blocks of N). If anything fails to start, whatever did
-    start is stopped before the error propagates.
+    `extproc serve --workers N` (metrics ports allocated in blocks of N). With ``tls`` (`extproc certs` files) the
+    pickers serve mTLS (server.tls) and Envoy presents the client certificate. If anything fails to start, whatever
+    did start is stopped before the error propagates.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     started: list[Child] = []
@@ -179,6 +191,7 @@ def start_stack(
                 "listen": f"127.0.0.1:{extproc_port or free_port()}",
                 "metrics_listen": f"127.0.0.1:{metrics_port or free_ports(workers)}",
                 "grace_period": 2,
+                **({"tls": tls.server_tls()} if tls is not None else {}),
             },
             "pools": [
                 {
@@ -205,6 +218,7 @@ def start_stack(
             admin_port=admin_port or free_port(),
             sims=sims,
             workers=workers,
+            tls=tls,
         )
         for i in range(2, pickers + 1):
             server = {
@@ -238,10 +252,23 @@ def start_picker_and_envoy(
     from extproc.envoy.run import start_envoy
 
     stack.log_dir.mkdir(parents=True, exist_ok=True)
+    if stack.config.server.tls is not None and stack.tls is None:  # `extproc up --config` with server.tls
+        from extproc.local.certs import LocalCerts
+
+        stack.tls = LocalCerts.beside(stack.config.server.tls.cert_file)
+        if stack.tls is None:
+            stack.stop()
+            raise RuntimeError(
+                "server.tls is set, and Envoy needs the picker's CA and a client certificate: keep server.tls's "
+                "files where `extproc certs --out DIR` wrote them (DIR/server.crt, with ca.crt, client.crt and "
+                "client.key beside it), or run Envoy from `extproc envoy-config --ext-proc-ca ...` (docs/tls.md)"
+            )
     try:
         if with_extproc:
             stack.start_extproc()
         options = dict(bootstrap_options or {})
+        if stack.tls is not None:
+            options.setdefault("ext_proc_tls", stack.tls.client())
         if stack.more_configs:
             options.setdefault("ext_proc", stack.ext_proc_targets)
         bootstrap = build_bootstrap(
