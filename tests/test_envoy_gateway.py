@@ -199,7 +199,8 @@ def test_eds_membership_changes_live(sims: Sims, tmp_path: Path) -> None:
         assert cluster_members(gw.admin, "pool-1b") == sorted(sims.pool_1b)
         assert cluster_members(gw.admin, "pool-3b") == []
         reply = post(f"{gw.base}/v1/3b/chat/completions", CHAT)
-        assert reply.status == 503 and reply.body == b"no healthy upstream", reply.body
+        assert reply.status == 503, reply.body
+        assert reply.json()["error"]["message"] == "no healthy upstream"  # Envoy's local reply, as OpenAI JSON
         assert reply.headers[POOL_RESPONSE_HEADER] == "3b"
         assert ROUTING_US_HEADER not in reply.headers  # no upstream request, so no duration
         write_eds(eds_dir, "3b", sims.pool_3b)  # what the ext_proc's DNS discovery does

@@ -7,6 +7,7 @@ mix of traffic; then every PromQL expression of every panel is evaluated through
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import shutil
 import time
@@ -30,6 +31,13 @@ MISSING = prometheus_missing()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 
 
+PRECISE_SCORERS = [
+    {"name": "queue", "weight": 2},
+    {"name": "kv_cache", "weight": 2},
+    {"name": "precise_prefix", "weight": 4, "params": {"port_offset": 1, "replay_port_offset": 2}},
+]
+
+
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Prometheus, dict[str, int]]]:
     log_dir = tmp_path_factory.mktemp("observability")
@@ -41,7 +49,11 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, 
         redis, url = start_redis(log_dir)
         settings["state"] = {"backend": "redis", "url": url}
         pickers = 2
-    stack = start_stack(log_dir, POOLS, settings=settings, pickers=pickers)
+    # The simulators publish KV events and the pickers score with precise_prefix, so its panels have data too
+    # (its embedded approximate index fills the prefix panels as the default scorer would).
+    settings["scheduler"] = {"scorers": PRECISE_SCORERS}
+    pools = [dataclasses.replace(pool, kv_events=True) for pool in POOLS]
+    stack = start_stack(log_dir, pools, settings=settings, pickers=pickers)
     if redis is not None:
         stack.extras.append(redis)
     try:
