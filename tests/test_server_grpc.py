@@ -254,8 +254,8 @@ def test_bodies_nested_too_deeply_are_400_not_a_broken_stream(stub, path: str, p
     _, second = exchange(stub, [headers(path), body(payload)], metadata=metadata)
     assert second.immediate_response.status.code == 400
     error = orjson.loads(second.immediate_response.body)["error"]
-    assert error == {"message": "request body is nested too deeply", "type": "invalid_request_error",
-                     "param": None, "code": 400}  # fmt: skip
+    assert error["message"].endswith("nested too deeply"), error  # the parser's, or the director's, words
+    assert error["type"] == "invalid_request_error" and error["code"] == 400
     _, second = exchange(stub, [headers(), body(chat())])  # and the server still serves
     assert second.WhichOneof("response") == "request_body"
 

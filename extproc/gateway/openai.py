@@ -52,6 +52,8 @@ def parse_body(raw: bytes, path: str) -> ParsedRequest:
     if model is not None and not isinstance(model, str):
         raise RequestError(400, "'model' must be a string", param="model")
     stream = body.get("stream", False)
+    if stream is None:  # OpenAI's API and vLLM take a null flag as false
+        stream = False
     if not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be true or false", param="stream")
     if "messages" in body or path.endswith(CHAT_PATH):
@@ -81,17 +83,25 @@ def _render_messages(messages: Any) -> str:
             text = ""
         elif isinstance(content, list):
             # Multi-part content: text parts in order; other parts by their JSON, so they still count.
-            text = "".join(
-                p["text"] if isinstance(p, dict) and isinstance(p.get("text"), str) else orjson.dumps(p).decode()
-                for p in content
-            )
+            try:
+                text = "".join(
+                    p["text"] if isinstance(p, dict) and isinstance(p.get("text"), str) else orjson.dumps(p).decode()
+                    for p in content
+                )
+            except orjson.JSONEncodeError:  # nested deeper than orjson writes (254 levels)
+                raise RequestError(400, f"messages[{i}].content is nested too deeply", param="messages") from None
         else:
             raise RequestError(400, f"messages[{i}].content must be a string or a list of parts", param="messages")
         parts.append(f"<{role}>{text}\n")
     return "".join(parts)
 
 
-def _render_prompt(prompt: Any) -> str:
+MAX_PROMPT_DEPTH = 4  # a prompt is a string, ids, or lists of them: nothing deeper is a prompt
+
+
+def _render_prompt(prompt: Any, depth: int = 0) -> str:
+    if depth > MAX_PROMPT_DEPTH:
+        raise RequestError(400, "'prompt' is nested too deeply", param="prompt")
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, list) and prompt:
@@ -101,5 +111,5 @@ def _render_prompt(prompt: Any) -> str:
             # Token ids: their decimal text keeps shared id prefixes as shared string prefixes.
             return "".join(f"{t} " for t in prompt)
         if all(isinstance(p, list) for p in prompt):
-            return "\n".join(_render_prompt(p) for p in prompt)
+            return "\n".join(_render_prompt(p, depth + 1) for p in prompt)
     raise RequestError(400, "'prompt' must be a string, a list of strings, or token ids", param="prompt")
