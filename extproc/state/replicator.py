@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import secrets
@@ -88,6 +87,7 @@ class ReplicationStats:
     outbox: int = 0  # picks waiting to be published
     loads_published: int = 0  # scrapes shared with the other replicas
     loads_applied: int = 0  # other replicas' scrapes applied here
+    duplicates: int = 0  # entries skipped as copies of one already applied (a retried publish)
     last_error: str = ""
 
 
@@ -120,6 +120,9 @@ class Replicator:
         self._loads_timer = False  # a wake-up for the pending loads is scheduled
         self._client: Any = None
         self._last_id: bytes | None = None  # the last stream entry applied; None until the history is read
+        self._sequence = 0  # entries this replica built; a retried entry keeps its number
+        self._unsent: tuple[dict[bytes, bytes], int, list[Load]] | None = None  # built, not yet acknowledged
+        self._seen: dict[bytes, int] = {}  # replica -> the highest entry sequence applied from it
         self._tasks: list[asyncio.Task[None]] = []
         self.lag = Histogram(
             "extproc_state_replication_lag_seconds",
@@ -240,26 +243,38 @@ class Replicator:
         self.stats.dropped += self.scheduler.shared_dropped
         self.scheduler.shared_dropped = 0
         loads = list(self._loads.values())
-        while outbox or loads:
-            batch = list(itertools.islice(outbox, BATCH_PICKS))
-            fields = {b"r": self._name_bytes, b"t": repr(self._clock()).encode()}
-            if batch:
-                fields[b"b"] = encode_batch(batch)
-            if loads:
-                fields[b"l"] = encode_loads(loads)
-            self.stats.outbox = len(outbox)
-            await self._client.xadd(self.settings.key, fields, maxlen=self.settings.max_entries, approximate=True)
-            for _ in batch:
-                outbox.popleft()
-            self.stats.published += len(batch)
-            if loads:
-                self.stats.loads_published += len(loads)
-                for load in loads:
-                    if self._loads.get(load.address) is load:  # not replaced by a newer scrape meanwhile
-                        del self._loads[load.address]
+        while self._unsent is not None or outbox or loads:
+            if self._unsent is None:
+                self._unsent = self._entry(loads)
                 loads = []
+            fields, picks, sent_loads = self._unsent
+            self.stats.outbox = len(outbox)
+            # An XADD that timed out may have reached Redis anyway: the retry sends the same entry, same
+            # sequence number, and readers skip the copy (at-least-once on the wire, once in the index).
+            await self._client.xadd(self.settings.key, fields, maxlen=self.settings.max_entries, approximate=True)
+            self._unsent = None
+            self.stats.published += picks
+            self.stats.loads_published += len(sent_loads)
             self._up()
         self.stats.outbox = 0
+
+    def _entry(self, loads: list[Load]) -> tuple[dict[bytes, bytes], int, list[Load]]:
+        """The next stream entry: up to ``BATCH_PICKS`` picks taken from the outbox, and ``loads``."""
+        batch = [self._outbox.popleft() for _ in range(min(BATCH_PICKS, len(self._outbox)))]
+        self._sequence += 1
+        fields = {
+            b"r": self._name_bytes,
+            b"s": str(self._sequence).encode(),
+            b"t": repr(self._clock()).encode(),
+        }
+        if batch:
+            fields[b"b"] = encode_batch(batch)
+        if loads:
+            fields[b"l"] = encode_loads(loads)
+            for load in loads:
+                if self._loads.get(load.address) is load:  # not replaced by a newer scrape meanwhile
+                    del self._loads[load.address]
+        return fields, len(batch), loads
 
     # ----- reading ----------------------------------------------------------------------------------
 
@@ -303,6 +318,17 @@ class Replicator:
         origin = fields.get(b"r")
         if origin == self._name_bytes:
             return
+        sequence = fields.get(b"s")
+        if sequence is not None and origin is not None:
+            try:
+                number = int(sequence)
+            except ValueError:
+                self.stats.rejected += 1
+                return
+            if number <= self._seen.get(origin, 0):
+                self.stats.duplicates += 1  # a retried XADD that had reached Redis the first time
+                return
+            self._seen[origin] = number
         try:
             sent = float(fields[b"t"])
             if b"b" not in fields and b"l" not in fields:
@@ -377,6 +403,7 @@ class _StatsCollector:
             ("applied_loads", s.loads_applied, "Other replicas' scrapes applied here."),
             ("dropped_picks", s.dropped, "Picks never published: the outbox was full while Redis was away."),
             ("rejected_records", s.rejected, "Stream entries or records skipped as corrupt or foreign."),
+            ("duplicate_entries", s.duplicates, "Entries skipped as copies of one applied (a retried publish)."),
             ("unknown_endpoint_picks", s.unknown_endpoint, "Shared picks of endpoints this replica does not know."),
             ("redis_errors", s.reconnects, "Times Redis became unavailable to the replicator."),
         ):
