@@ -216,19 +216,25 @@ class Scheduler(_Strict):
         return legacy.move_saturation(data, DEFAULT_FILTERS) if isinstance(data, dict) else data
 
 
+HEADER_ROOM_BYTES = 128 * 1024  # Envoy's connection buffer holds headers too: room for a 431 above 60 KiB
+
+
 class Limits(_Strict):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0, description="larger bodies get 413")
 
-    @property
-    def envoy_buffer_bytes(self) -> int:
-        """How much Envoy buffers for the ext_proc: twice the limit, so the picker's JSON 413 answers
-        most oversized bodies; above this Envoy answers its own plain-text 413."""
-        return 2 * self.max_body_bytes
+    def envoy_buffer_bytes(self, json_errors: bool = True) -> int:
+        """How much the generated Envoy buffers for the ext_proc. With ``gateway.json_errors`` exactly the limit:
+        Envoy answers a larger body with a JSON 413 itself, so an oversized body never reaches the picker (nor
+        a replica when the picker fails open). Without, twice the limit, so the picker's JSON 413 answers most
+        oversized bodies and only those above get Envoy's plain-text one. Never below 128 KiB: the same
+        per-connection buffer holds the request headers (up to Envoy's 60 KiB, answered 431 above)."""
+        return max(HEADER_ROOM_BYTES, self.max_body_bytes if json_errors else 2 * self.max_body_bytes)
 
     @property
     def grpc_message_bytes(self) -> int:
-        """The ext_proc's gRPC message limit: a whole buffered body plus the rest of the message."""
-        return self.envoy_buffer_bytes + 64 * 1024
+        """The ext_proc's gRPC message limit: a whole buffered body plus the rest of the message, for an Envoy
+        that buffers twice the limit (Envoy Gateway's ``requestBuffer``, docs/deployment.md)."""
+        return self.envoy_buffer_bytes(json_errors=False) + 64 * 1024
 
 
 class ServerTls(_Strict):

@@ -20,6 +20,10 @@ PICKED_HEADER = "x-gateway-picked-endpoint"
 POOL_RESPONSE_HEADER = "x-gateway-pool"  # the pool whose cluster served the request, e.g. "1b"
 ROUTING_US_HEADER = "x-gateway-routing-us"  # microseconds from the request's last byte to the upstream send
 
+# Envoy's response-code details of the picker's own replies (extproc_<status>, extproc_models). They are already
+# OpenAI JSON; the generated local_reply_config recognises them by this prefix and passes them unchanged.
+REPLY_DETAILS_PREFIX = "extproc_"
+
 
 def split_route_name(split: str) -> str:
     """The Envoy route (and its stat prefix, and the picker's ``route`` label) of the split named ``split``."""

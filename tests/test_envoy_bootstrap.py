@@ -691,7 +691,12 @@ def test_body_above_the_buffer_limit_gets_413(up: Stack) -> None:
     assert reply.status == 413  # Envoy's own reply, in the picker's error shape (gateway.json_errors)
     assert reply.headers["content-type"] == "application/json"
     assert reply.json() == {
-        "error": {"message": "Payload Too Large", "type": "invalid_request_error", "param": None, "code": 413}
+        "error": {
+            "message": f"request body is larger than {MAX_BODY} bytes",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": 413,
+        }
     }
 
 

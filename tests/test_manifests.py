@@ -699,8 +699,8 @@ def test_endpoint_picker_protocol_names_match_the_code(renders: dict[str, list[O
     assert names.ROUTE_ATTRIBUTE in ext["processingMode"]["request"]["attributes"]
     assert ext["failOpen"] is True
     config = next(load_config_text(t) for w, t in picker_configs(objs) if w.startswith("extproc-router/"))
-    # Twice the picker's body limit, like the project's own Envoy (Limits.envoy_buffer_bytes).
-    assert _quantity(btp["spec"]["requestBuffer"]["limit"]) == config.limits.envoy_buffer_bytes
+    # Twice the picker's body limit, so the picker's JSON 413 answers oversized bodies (Envoy Gateway's is text).
+    assert _quantity(btp["spec"]["requestBuffer"]["limit"]) == config.limits.envoy_buffer_bytes(json_errors=False)
     # Model routing: one rule per pool matching the header the picker sets, to that pool's headless Service.
     route = named(objs, "HTTPRoute", "llm-models")
     for pool in config.pools:

@@ -177,7 +177,7 @@ class Traffic:
             body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": question}], "stream": "yes"})
         elif name == "unknown_model":
             body = orjson.dumps({"model": "no-such-model", "messages": [{"role": "user", "content": question}]})
-        else:  # too_large: above limits.max_body_bytes, below Envoy's buffer (twice that): the picker's 413
+        else:  # too_large: above limits.max_body_bytes: Envoy's own 413 (its buffer is the limit)
             if self._too_large is None:
                 padding = b"x" * (self.max_body_bytes + 1024)
                 self._too_large = b'{"model": "' + model.encode() + b'", "prompt": "' + padding + b'"}'

@@ -43,6 +43,17 @@ class EndpointState:
     stale_after: float = DEFAULT_STALE_AFTER
     cache_tokens: int | None = None
 
+    def scraped(self, waiting: float, running: float, kv_usage: float, cache_tokens: int | None, at: float) -> None:
+        """A good scrape finished ``at`` (this replica's, or another's shared through ``state``): its figures
+        replace the old ones and the picks counted since the previous scrape are in them now."""
+        self.waiting = waiting
+        self.running = running
+        self.kv_usage = kv_usage
+        self.cache_tokens = cache_tokens
+        self.scraped_at = at
+        self.scrape_ok = True
+        self.pending = 0
+
     def fresh(self, now: float) -> bool:
         """The latest scrape succeeded and is at most ``stale_after`` seconds old at ``now``."""
         return self.scrape_ok and self.scraped_at is not None and now - self.scraped_at <= self.stale_after

@@ -331,13 +331,7 @@ class Scraper:
             return self._failed(address, stats, started, "connect", f"{type(exc).__name__}: {exc}")
         now = time.monotonic()
         for state in self._table.states_for(address):
-            state.waiting = load.waiting
-            state.running = load.running
-            state.kv_usage = load.kv_usage
-            state.cache_tokens = load.cache_tokens
-            state.scraped_at = now
-            state.scrape_ok = True
-            state.pending = 0
+            state.scraped(load.waiting, load.running, load.kv_usage, load.cache_tokens, now)
         if self._scraped is not None:
             self._scraped(address, load)
         stats.successes += 1

@@ -42,8 +42,9 @@ def build_bootstrap_message(
     """The typed bootstrap.
 
     ``ext_proc`` defaults to ``config.server.listen`` (``host:port`` or ``unix:/path``);
-    ``max_request_bytes`` (default ``config.limits.envoy_buffer_bytes``) is the largest request Envoy buffers
-    for the ext_proc; ``fallback`` is the pools' policy when the ext_proc names no member endpoint.
+    ``max_request_bytes`` (default ``config.limits.envoy_buffer_bytes``: the body limit itself with JSON errors)
+    is the largest request Envoy buffers for the ext_proc; ``fallback`` is the pools' policy when the ext_proc
+    names no member endpoint.
 
     ``eds_dir`` (default ``config.server.eds_dir``) makes every pool cluster an EDS cluster fed by
     ``<eds_dir>/pool-<name>.json``; unless ``write_eds_files`` is False, the files Envoy needs to start are
@@ -70,7 +71,9 @@ def build_bootstrap_message(
         )
     if message_timeout_ms < 0:
         raise ValueError("message_timeout_ms must be >= 0")
-    buffer_limit = config.limits.envoy_buffer_bytes if max_request_bytes is None else max_request_bytes
+    buffer_limit = max_request_bytes
+    if buffer_limit is None:
+        buffer_limit = config.limits.envoy_buffer_bytes(config.gateway.json_errors)
     if not 0 < buffer_limit < 2**32:
         raise ValueError("max_request_bytes must be between 1 and 2**32 - 1")
     eds_dir = eds_dir or config.server.eds_dir

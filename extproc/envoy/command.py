@@ -38,7 +38,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     tls.add_argument("--ext-proc-key", help="the client certificate's private key")
     p.add_argument("--message-timeout-ms", type=int, default=200, help="ext_proc per-message timeout")
     p.add_argument(
-        "--max-request-bytes", type=int, default=None, help="largest buffered request (default: limits.max_body_bytes)"
+        "--max-request-bytes",
+        type=int,
+        default=None,
+        help="largest buffered request (default: limits.max_body_bytes; twice that with gateway.json_errors off)",
     )
     p.add_argument(
         "--fallback", choices=["round_robin", "least_request"], default="round_robin", help="pool policy without a pick"

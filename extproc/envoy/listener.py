@@ -51,6 +51,7 @@ from extproc.names import (
     POOL_HEADER,
     POOL_METADATA,
     POOL_RESPONSE_HEADER,
+    REPLY_DETAILS_PREFIX,
     ROUTING_US_HEADER,
     UPSTREAM_HOST_HEADER,
 )
@@ -84,9 +85,6 @@ JSON_TO_METADATA_FILTER = "envoy.filters.http.json_to_metadata"
 # json_to_metadata copies the body's "stream" here; the streaming variant of each route matches on it.
 STREAM_NAMESPACE = "extproc.request"
 STREAM_KEY = "stream"
-# The picker's own replies (ImmediateResponse details extproc_<status>, extproc_models: gateway/director.py) are
-# already OpenAI JSON, and Envoy's local_reply_config sees them too: they pass through unchanged.
-PICKER_DETAILS_PREFIX = "extproc_"
 
 _H = ext_proc_v3.ProcessingModeHeaderSendMode
 _B = ext_proc_v3.ProcessingModeBodySendMode
@@ -261,12 +259,13 @@ def _status_is(op: accesslog.ComparisonFilterOp, status: int) -> accesslog.Acces
     return accesslog.AccessLogFilter(status_code_filter=accesslog.StatusCodeFilter(comparison=comparison))
 
 
-def _local_replies() -> hcm.LocalReplyConfig:
+def _local_replies(buffer_limit: int) -> hcm.LocalReplyConfig:
     """Envoy's own replies (no healthy upstream, upstream reset, 413, 408, 431, 504, the 404/405 routes) as the
     OpenAI error JSON; the picker's replies, already JSON, pass unchanged (first mapper). Checked in 1.40: the
-    JSON formatter keeps ``code`` a number and ``param`` null."""
+    JSON formatter keeps ``code`` a number and ``param`` null. Envoy's 413 (a body above its buffer) says what
+    the picker's would: the limit."""
     eq = accesslog.ComparisonFilterOp.EQ
-    picker = f"response.code_details.startsWith('{PICKER_DETAILS_PREFIX}')"
+    picker = f"response.code_details.startsWith('{REPLY_DETAILS_PREFIX}')"
     mappers = [
         hcm.ResponseMapper(
             filter=accesslog.AccessLogFilter(
@@ -280,6 +279,20 @@ def _local_replies() -> hcm.LocalReplyConfig:
             ),
         )
     ]
+    too_large = {
+        "error": {
+            "message": f"request body is larger than {buffer_limit} bytes",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "%RESPONSE_CODE%",
+        }
+    }
+    mappers.append(
+        hcm.ResponseMapper(
+            filter=_status_is(eq, 413),
+            body_format_override=core.SubstitutionFormatString(json_format=Struct.from_dict(too_large)),
+        )
+    )
     by_kind: dict[str, list[int]] = {}
     for status, kind in ERROR_TYPES.items():
         by_kind.setdefault(kind, []).append(status)
@@ -473,7 +486,7 @@ def gateway_listener(
         ],
     )
     if config.gateway.json_errors:
-        manager.local_reply_config = _local_replies()
+        manager.local_reply_config = _local_replies(buffer_limit)
     if access_log:
         manager.access_log = [
             accesslog.AccessLog(

@@ -70,7 +70,7 @@ class Director:
                 for model in pool.models
             ],
         }
-        self._models_reply = Reply(200, orjson.dumps(listing), "extproc_models")
+        self._models_reply = Reply(200, orjson.dumps(listing), f"{names.REPLY_DETAILS_PREFIX}models")
 
     # ----- messages -------------------------------------------------------------------------
 
@@ -265,4 +265,4 @@ class Director:
         asked = model if model in self._pool_by_model or model == AUTO_MODEL else ""
         served = self._pools[pool].served_name if pool in self._pools else ""
         self.telemetry.refused(pool, asked, served, request.route, error.status)
-        return Reply(error.status, error.body(), f"extproc_{error.status}")
+        return Reply(error.status, error.body(), f"{names.REPLY_DETAILS_PREFIX}{error.status}")

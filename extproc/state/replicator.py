@@ -225,13 +225,7 @@ class Replicator:
             scraped_at = now - max(0.0, wall - load.scraped)
             for state in states:
                 if state.scraped_at is None or scraped_at > state.scraped_at:
-                    state.waiting = load.waiting
-                    state.running = load.running
-                    state.kv_usage = load.kv_usage
-                    state.cache_tokens = load.cache_tokens
-                    state.scraped_at = scraped_at
-                    state.scrape_ok = True
-                    state.pending = 0
+                    state.scraped(load.waiting, load.running, load.kv_usage, load.cache_tokens, scraped_at)
             self.stats.loads_applied += 1
 
     async def _flush(self) -> None:
