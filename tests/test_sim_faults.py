@@ -6,7 +6,9 @@ import asyncio
 import time
 
 import aiohttp
+import pytest
 
+from extproc.datalayer.scrape import MetricsParseError, parse_vllm_metrics
 from tests.helpers import get, post, run
 
 GOOD = {"model": "test-model", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
@@ -54,9 +56,28 @@ def test_delay_and_hang_at_run_time(start_simulator) -> None:
     assert run(go()) == 200
 
 
+def test_slow_and_garbage_metrics_touch_metrics_only(start_simulator) -> None:
+    s = start_simulator("--time-scale", "0")
+    assert post(f"{s.base}/sim/faults", {"metrics_delay_ms": 400}).json()["metrics_delay"] == 0.4
+    start = time.monotonic()
+    assert get(f"{s.base}/metrics").status == 200
+    assert time.monotonic() - start >= 0.4
+    start = time.monotonic()
+    assert post(f"{s.base}/v1/chat/completions", GOOD).status == 200
+    assert time.monotonic() - start < 0.4  # inference is not delayed
+    post(f"{s.base}/sim/faults", {"metrics_delay_ms": 0, "metrics_garbage": True})
+    reply = get(f"{s.base}/metrics")
+    assert reply.status == 200 and b"vllm:num_requests_waiting " not in reply.body
+    with pytest.raises(MetricsParseError):
+        parse_vllm_metrics(reply.body)
+    post(f"{s.base}/sim/faults", {"metrics_garbage": False})
+    assert parse_vllm_metrics(get(f"{s.base}/metrics").body).waiting == 0
+
+
 def test_bad_fault_settings_are_refused(start_simulator) -> None:
     s = start_simulator("--time-scale", "0")
-    for body in ({"error_rate": 2}, {"delay_ms": -1}, {"hang": "yes"}, {"unknown": 1}):
+    bad = ({"error_rate": 2}, {"delay_ms": -1}, {"hang": "yes"}, {"unknown": 1})
+    for body in (*bad, {"metrics_delay_ms": -5}, {"metrics_garbage": 1}):
         assert post(f"{s.base}/sim/faults", body).status == 400
 
 

@@ -28,6 +28,7 @@ from extproc.datalayer.scrape import Scraper
 from extproc.datalayer.table import EndpointTable
 from extproc.gateway.command import LOG_FORMAT
 from extproc.gateway.director import Director
+from extproc.gateway.heap import fix_mmap_threshold
 from extproc.gateway.server import SERVICE_NAME, ExternalProcessor
 from extproc.gateway.telemetry import StateCollector, Telemetry
 from extproc.scheduling.prefix.precise import PrecisePrefixScorer
@@ -198,6 +199,7 @@ def run(config: Config, config_path: Path | None = None, reuse_port: bool = Fals
 
     disable_created_metrics()
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    fix_mmap_threshold()  # large freed blocks go back to the system (gateway/heap.py)
     try:
         import uvloop
 

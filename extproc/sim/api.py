@@ -50,6 +50,13 @@ class Faults:
     error_rate: float = 0.0  # share of inference requests answered 500
     delay: float = 0.0  # wall-clock seconds added before every answer (metrics and health too)
     hang: bool = False  # accept connections but answer nothing until cleared
+    metrics_delay: float = 0.0  # wall-clock seconds added before /metrics answers only (a slow exporter)
+    metrics_garbage: bool = False  # /metrics answers 200 with bytes that are not Prometheus text
+
+
+FAULT_FIELDS = {"error_rate", "delay_ms", "hang", "metrics_delay_ms", "metrics_garbage"}
+# What a broken exporter might send: a truncated sample line, a value that is not a number, binary noise.
+METRICS_GARBAGE = b'vllm:num_requests_waiting{model_name="x"\nvllm:kv_cache_usage_perc NaN-ish\n\x00\xff\xfe'
 
 
 class _Invalid(Exception):
@@ -144,13 +151,26 @@ class SimServer:
         return web.Response(body=orjson.dumps(asdict(self.faults)), content_type=JSON)
 
     async def set_faults(self, request: web.Request) -> web.Response:
-        """Change faults at run time: any of ``error_rate``, ``delay_ms``, ``hang``."""
+        """Change faults at run time: any of ``error_rate``, ``delay_ms``, ``hang``, ``metrics_delay_ms``,
+        ``metrics_garbage``."""
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
             return bad_request(f"malformed JSON: {exc}")
-        if not isinstance(body, dict) or not set(body) <= {"error_rate", "delay_ms", "hang"}:
-            return bad_request("send an object with any of 'error_rate' (0..1), 'delay_ms' (>= 0), 'hang' (bool)")
+        if not isinstance(body, dict) or not set(body) <= FAULT_FIELDS:
+            return bad_request(
+                "send an object with any of 'error_rate' (0..1), 'delay_ms' (>= 0), 'hang' (bool), "
+                "'metrics_delay_ms' (>= 0), 'metrics_garbage' (bool)"
+            )
+        metrics_delay, garbage = body.get("metrics_delay_ms"), body.get("metrics_garbage")
+        if metrics_delay is not None and not (_is_number(metrics_delay) and metrics_delay >= 0):
+            return bad_request("'metrics_delay_ms' must be a number >= 0", "metrics_delay_ms")
+        if garbage is not None and not isinstance(garbage, bool):
+            return bad_request("'metrics_garbage' must be true or false", "metrics_garbage")
+        if metrics_delay is not None:
+            self.faults.metrics_delay = float(metrics_delay) / 1000.0
+        if garbage is not None:
+            self.faults.metrics_garbage = garbage
         rate, delay, hang = body.get("error_rate"), body.get("delay_ms"), body.get("hang")
         if rate is not None and not (_is_number(rate) and 0 <= rate <= 1):
             return bad_request("'error_rate' must be a number between 0 and 1", "error_rate")
@@ -176,6 +196,10 @@ class SimServer:
         return web.Response(status=200)
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
+        if self.faults.metrics_delay:
+            await asyncio.sleep(self.faults.metrics_delay)
+        if self.faults.metrics_garbage:
+            return web.Response(body=METRICS_GARBAGE, headers={"Content-Type": "text/plain; version=0.0.4"})
         names = request.query.getall("name[]", ())
         return web.Response(
             body=self.metrics.exposition(names), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
