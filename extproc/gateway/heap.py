@@ -52,4 +52,3 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
         log.warning("mallopt(M_MMAP_THRESHOLD, %d) failed; the heap may keep freed large blocks", threshold)
         return False
     return True
-
