@@ -56,6 +56,15 @@ def get(url: str, timeout: float = 30.0) -> Reply:
     return request("GET", url, None, timeout)
 
 
+def envoy_stat(admin_port: int, name: str) -> int:
+    """One counter from Envoy's admin /stats (e.g. http.gateway.ext_proc.failure_mode_allowed); 0 if absent."""
+    for line in get(f"http://127.0.0.1:{admin_port}/stats?filter=^{name}$").body.decode().splitlines():
+        key, _, value = line.partition(": ")
+        if key == name:
+            return int(value)
+    return 0
+
+
 def metrics(base: str) -> dict[str, float]:
     """Every sample of a /metrics page, keyed by name plus sorted labels except model/engine."""
     text = get(f"{base}/metrics").body.decode()

@@ -23,7 +23,7 @@ from extproc.envoy.bootstrap import build_bootstrap
 from extproc.envoy.run import envoy_binary, start_envoy
 from extproc.local.procs import free_port
 from extproc.local.stack import PoolSpec, Stack, start_stack
-from tests.helpers import get, metrics, post, wait_until
+from tests.helpers import envoy_stat, metrics, post, wait_until
 
 try:
     envoy_binary()
@@ -117,14 +117,6 @@ def endpoints_up(stack: Stack) -> set[str]:
         for k, v in picker_metrics(stack).items()
         if k.startswith("extproc_endpoint_up{") and v == 1
     }
-
-
-def envoy_stat(admin_port: int, name: str) -> int:
-    for line in get(f"http://127.0.0.1:{admin_port}/stats?filter=^{name}$").body.decode().splitlines():
-        key, _, value = line.partition(": ")
-        if key == name:
-            return int(value)
-    return 0
 
 
 def test_a_stopped_picker_costs_each_request_at_most_the_message_timeout(make_stack: Callable[..., Stack]) -> None:

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.envoy.run import envoy_binary
 from extproc.local.stack import PoolSpec, Stack, start_stack
-from tests.helpers import get, metrics, post, request, wait_until
+from tests.helpers import envoy_stat, metrics, post, request, wait_until
 
 try:
     envoy_binary()
@@ -158,15 +158,6 @@ def test_a_saturated_endpoint_loses_even_with_a_prefix_match(make_stack) -> None
     asyncio.run(flood())
 
 
-def envoy_stat(stack: Stack, name: str) -> int:
-    """One counter from Envoy's admin /stats (e.g. http.gateway.ext_proc.failure_mode_allowed)."""
-    for line in get(f"http://127.0.0.1:{stack.admin_port}/stats?filter=^{name}$").body.decode().splitlines():
-        key, _, value = line.partition(": ")
-        if key == name:
-            return int(value)
-    return 0
-
-
 def test_killing_the_extproc_falls_back_to_envoy_balancing(make_stack) -> None:
     """SIGKILL under load: no request fails, and the load goes on long after the picker is gone.
 
@@ -214,7 +205,7 @@ def test_killing_the_extproc_falls_back_to_envoy_balancing(make_stack) -> None:
     assert len(after) >= wanted_after
     assert all(d[3] == "" for d in after)  # nobody picked these: Envoy balanced them itself
     assert {d[2] for d in after} == {r.address for r in stack.sims["1b"]}
-    assert envoy_stat(stack, "http.gateway.ext_proc.failure_mode_allowed") >= len(after)
+    assert envoy_stat(stack.admin_port, "http.gateway.ext_proc.failure_mode_allowed") >= len(after)
 
 
 def test_a_spoofed_destination_never_leaves_the_pool(make_stack, start_simulator) -> None:

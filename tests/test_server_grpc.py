@@ -70,9 +70,9 @@ def headers(path: str = "/v1/chat/completions", method: str = "POST", end: bool 
     return request
 
 
-def body(payload: dict | bytes) -> ep.ProcessingRequest:
+def body(payload: dict | bytes, end_of_stream: bool = True) -> ep.ProcessingRequest:
     raw = payload if isinstance(payload, bytes) else orjson.dumps(payload)
-    return ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True))
+    return ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=end_of_stream))
 
 
 def chat(model: str = "model-a") -> dict:
@@ -95,7 +95,7 @@ def pick_of(response: ep.ProcessingResponse) -> tuple[list[str], dict[str, str],
 def test_every_message_type_gets_its_own_answer(stub) -> None:
     messages = [
         headers(),
-        body(chat()),
+        body(chat(), end_of_stream=False),  # a streamed body: more may follow, the stream stays open
         ep.ProcessingRequest(request_trailers=ep.HttpTrailers()),
         ep.ProcessingRequest(response_headers=ep.HttpHeaders()),
         ep.ProcessingRequest(response_body=ep.HttpBody(body=b"{}", end_of_stream=True)),
@@ -110,6 +110,18 @@ def test_every_message_type_gets_its_own_answer(stub) -> None:
         "response_body",
         "response_trailers",
     ]
+
+
+def test_the_picker_ends_the_stream_once_the_request_is_answered(stub) -> None:
+    """After the body's last message (or headers without a body) the picker closes the stream with OK, so Envoy
+    never has to reset it (grpc.aio keeps native memory for every cancelled stream: server.py)."""
+    call = stub.Process(iter([headers(), body(chat())]))
+    answers = list(call)
+    assert [a.WhichOneof("response") for a in answers] == ["request_headers", "request_body"]
+    assert call.code() == grpc.StatusCode.OK
+    call = stub.Process(iter([headers("/v1/models", "GET", end=True)]))
+    assert [a.WhichOneof("response") for a in call] in (["request_headers"], ["immediate_response"])
+    assert call.code() == grpc.StatusCode.OK
 
 
 def test_model_routing_sets_the_pool_header_and_clears_the_route_cache(stub) -> None:

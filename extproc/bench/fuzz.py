@@ -908,6 +908,7 @@ class GrpcFuzzer:
         call = channel.stream_stream(METHOD)(metadata=case.metadata or None, timeout=deadline)
         answers: list[Any] = []
         ended_by: str | None = None  # a status the input expects ("malformed", "too_large")
+        request_complete = False  # the request's last message was answered: the picker has closed the stream
         try:
             if case.ending == "cancel_before_read":
                 for message in case.messages[:1]:
@@ -940,7 +941,11 @@ class GrpcFuzzer:
                     call.cancel()
                     report.outcomes["cancelled"] += 1
                     return
-            if case.ending == "abandon":  # never sends the rest (e.g. the body): the client gives up
+                if self._request_complete(kind, message):
+                    request_complete = True  # the picker ends the stream here: nothing more is sent
+                    break
+            # abandon: never sends the rest (e.g. the body), the client gives up
+            if case.ending == "abandon" and not request_complete:
                 await asyncio.sleep(0.001 * (case.index % 20))
                 call.cancel()
                 report.outcomes["abandoned"] += 1
@@ -949,7 +954,7 @@ class GrpcFuzzer:
                 await channel.close()
                 report.outcomes["dropped"] += 1
                 return
-            if ended_by is None:
+            if ended_by is None and not request_complete:
                 await call.done_writing()
             extra = await call.read()
             if extra is not grpc.aio.EOF:
@@ -969,6 +974,14 @@ class GrpcFuzzer:
                 report.fail("fuzzer_error", case.index, f"{type(exc).__name__}: {exc}: {case.describe()}")
                 return
             self._judge_status(case, code, details, ended_by)
+
+    def _request_complete(self, kind: str, raw: bytes) -> bool:
+        """Whether ``raw`` was the request's last message (the body's end, or headers without a body), after
+        which the picker answers and ends the stream with OK (gateway/server.py)."""
+        if kind not in ("request_body", "request_headers"):
+            return False
+        message = self.ep.ProcessingRequest.FromString(raw)
+        return getattr(message, kind).end_of_stream
 
     def _check(self, kind: str, raw: bytes, answers: list[Any]) -> str | None:
         """What is wrong with the answer ``raw`` to a ``kind`` message (a failure kind), or None."""

@@ -4,6 +4,12 @@ A thin adapter: it reads each message into the stream's `RequestContext` (protoc
 wire), hands the request to the `Director` at the headers and at the body, and writes the director's
 outcome back as the response to that message. Every other message kind is let through unchanged; a
 message that is not a ProcessingRequest at all ends the stream with INVALID_ARGUMENT.
+
+Once the whole request is answered (the body's last message, or headers with no body) the picker ends the
+stream itself, with OK. The generated Envoy sends nothing after the request (responses are not processed), and
+would otherwise reset the stream when the HTTP request finishes: grpc.aio keeps about 120 bytes of native
+memory for every stream cancelled that way (measured: a picker driven directly over gRPC grew 0.7 MB a minute
+at 100 streams/s with client cancels, flat with clean ends), which was the picker's RSS growth in soaks.
 """
 
 from __future__ import annotations
@@ -40,9 +46,13 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         yield protocol.answer(kind, await director.on_body_tokenized(request))
                     else:
                         yield protocol.answer(kind, director.on_body(request))
+                    if message.request_body.end_of_stream:
+                        return  # nothing more to decide: close the stream now (see the module's docstring)
                 elif kind == "request_headers":
                     protocol.read_headers(message, request)
                     yield protocol.answer(kind, director.on_headers(request))
+                    if request.end_of_stream:
+                        return
                 elif kind is not None:
                     yield protocol.passthrough(kind)
         except DecodeError:  # bytes that are no ProcessingRequest: a status, not a logged traceback per message
