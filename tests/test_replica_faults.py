@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,14 @@ async def in_flight(replica: SimReplica, at_least: int, timeout: float = 15.0) -
         await asyncio.sleep(0.002)
 
 
+def busier_first(stack: Stack, load: Load) -> list[SimReplica]:
+    """The pool's two replicas, the one that served more requests so far first: the victim. Prefix affinity keeps
+    each of the 4 tenants on one replica, so a replica with one tenant might never hold the requests in flight
+    that a fault test waits for."""
+    served = Counter(o.upstream for o in load.outcomes if o.done)
+    return sorted(stack.sims["1b"], key=lambda r: -served[r.address])
+
+
 def cluster_stats(stack: Stack, pool: str) -> dict[str, int]:
     """Envoy's counters of a pool cluster (upstream_rq_retry, upstream_rq_per_try_idle_timeout, ...)."""
     prefix = f"cluster.pool-{pool}."
@@ -194,14 +203,16 @@ def test_sigkill_during_load_fails_no_request(make_stack: Callable[..., Stack]) 
     """
     sim = ("--time-scale", "0.2")  # ~100 ms per request of 100 tokens
     stack = make_stack([PoolSpec("1b", MODEL_1B, 2, sim)], gateway={"per_try_idle_timeout": IDLE})
-    victim, survivor = stack.sims["1b"]
     load = Load(f"{stack.gateway}/v1/1b/chat/completions", {"model": MODEL_1B, "max_tokens": 100}, rate=60)
     marks: dict[str, float] = {}
+    replicas: list[SimReplica] = []  # [victim, survivor]
 
     async def scenario() -> int:
         running = asyncio.create_task(load.run())
         try:
             await wait_until(lambda: sum(o.done for o in load.outcomes) >= 30, 20, "30 requests before the fault")
+            replicas.extend(busier_first(stack, load))
+            victim = replicas[0]
             seen = await in_flight(victim, 3)
             victim.child.proc.send_signal(signal.SIGKILL)
             marks["kill"] = time.monotonic()
@@ -212,6 +223,7 @@ def test_sigkill_during_load_fails_no_request(make_stack: Callable[..., Stack]) 
         return seen
 
     seen = asyncio.run(scenario())
+    victim, survivor = replicas
     kill = marks["kill"]
     before = [o for o in load.outcomes if o.end < kill]
     during = [o for o in load.outcomes if o.start < kill <= o.end]
@@ -280,10 +292,10 @@ def test_sigstop_during_streaming_load_retries_or_cuts_within_the_idle_timeout(
     """
     sim = ("--time-scale", "1")
     stack = make_stack([PoolSpec("1b", MODEL_1B, 2, sim)], gateway={"per_try_idle_timeout": IDLE})
-    victim, survivor = stack.sims["1b"]
     body = {"model": MODEL_1B, "max_tokens": 100, "stream": True}
     load = Load(f"{stack.gateway}/v1/1b/chat/completions", body, rate=20)
     marks: dict[str, float] = {}
+    replicas: list[SimReplica] = []  # [victim, survivor]
 
     def settled() -> bool:
         """Every stream that began before the stop has ended, and later ones keep completing on the survivor."""
@@ -295,6 +307,8 @@ def test_sigstop_during_streaming_load_retries_or_cuts_within_the_idle_timeout(
         running = asyncio.create_task(load.run())
         try:
             await wait_until(lambda: sum(o.done for o in load.outcomes) >= 10, 20, "10 streams before the fault")
+            replicas.extend(busier_first(stack, load))
+            victim = replicas[0]
             seen = await in_flight(victim, 2)
             os.kill(victim.child.pid, signal.SIGSTOP)
             marks["stop"] = time.monotonic()
@@ -305,6 +319,7 @@ def test_sigstop_during_streaming_load_retries_or_cuts_within_the_idle_timeout(
         return seen
 
     seen = asyncio.run(scenario())
+    victim, survivor = replicas
     stop = marks["stop"]
     before = [o for o in load.outcomes if o.end < stop]
     during = [o for o in load.outcomes if o.start < stop <= o.end]
@@ -349,9 +364,9 @@ def test_sigstop_non_streaming_retried_after_per_try_timeout(make_stack: Callabl
     per_try = 3.0
     sim = ("--time-scale", "0.2")
     stack = make_stack([PoolSpec("1b", MODEL_1B, 2, sim)], gateway={"per_try_timeout": per_try})
-    victim, survivor = stack.sims["1b"]
     load = Load(f"{stack.gateway}/v1/1b/chat/completions", {"model": MODEL_1B, "max_tokens": 100}, rate=30)
     marks: dict[str, float] = {}
+    replicas: list[SimReplica] = []  # [victim, survivor]
 
     def settled() -> bool:
         stop = marks["stop"]
@@ -361,6 +376,8 @@ def test_sigstop_non_streaming_retried_after_per_try_timeout(make_stack: Callabl
         running = asyncio.create_task(load.run())
         try:
             await wait_until(lambda: sum(o.done for o in load.outcomes) >= 20, 20, "20 requests before the fault")
+            replicas.extend(busier_first(stack, load))
+            victim = replicas[0]
             seen = await in_flight(victim, 2)
             os.kill(victim.child.pid, signal.SIGSTOP)
             marks["stop"] = time.monotonic()
@@ -371,6 +388,7 @@ def test_sigstop_non_streaming_retried_after_per_try_timeout(make_stack: Callabl
         return seen
 
     seen = asyncio.run(scenario())
+    survivor = replicas[1]
     stop = marks["stop"]
     before = [o for o in load.outcomes if o.end < stop]
     during = [o for o in load.outcomes if o.start < stop <= o.end]
