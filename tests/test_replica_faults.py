@@ -338,8 +338,9 @@ def test_sigstop_during_streaming_load_retries_or_cuts_within_the_idle_timeout(
     )
     # Only streams already flowing from the victim at the stop fail, each cut by the idle timeout: it had its
     # headers (and bytes) from the victim before the stop, and ended no later than IDLE (+ slack) after it.
+    # "Before": the victim wrote them before it froze; the client may read them a moment after the stop's mark.
     for o in cut:
-        assert o.upstream == victim.address and o.headers_at < stop, o
+        assert o.upstream == victim.address and o.headers_at < stop + 0.25, o
         assert o.error or o.status == 200, o
         assert o.end - max(o.last_byte, stop) <= IDLE + SLACK, o
     assert cut, "the stop landed with no stream flowing from the victim"
