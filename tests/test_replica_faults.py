@@ -173,6 +173,25 @@ def busier_first(stack: Stack, load: Load) -> list[SimReplica]:
     return sorted(stack.sims["1b"], key=lambda r: -served[r.address])
 
 
+async def freeze_busier_replica(
+    stack: Stack, load: Load, warm: int, settled: Callable[[float], bool], timeout: float
+) -> tuple[int, float, SimReplica, SimReplica]:
+    """Run ``load``; after ``warm`` completed requests SIGSTOP the busier replica once it holds 2 requests, and
+    go on until ``settled(stop)``. Returns (requests in its engine at the stop, the stop's time, victim, survivor)."""
+    running = asyncio.create_task(load.run())
+    try:
+        await wait_until(lambda: sum(o.done for o in load.outcomes) >= warm, 20, f"{warm} requests before the fault")
+        victim, survivor = busier_first(stack, load)
+        seen = await in_flight(victim, 2)
+        os.kill(victim.child.pid, signal.SIGSTOP)
+        stop = time.monotonic()
+        await wait_until(lambda: settled(stop), timeout, "the requests of the stop to end, and 10 more after it")
+    finally:
+        load.stop.set()
+        await running
+    return seen, stop, victim, survivor
+
+
 def cluster_stats(stack: Stack, pool: str) -> dict[str, int]:
     """Envoy's counters of a pool cluster (upstream_rq_retry, upstream_rq_per_try_idle_timeout, ...)."""
     prefix = f"cluster.pool-{pool}."
@@ -294,33 +313,13 @@ def test_sigstop_during_streaming_load_retries_or_cuts_within_the_idle_timeout(
     stack = make_stack([PoolSpec("1b", MODEL_1B, 2, sim)], gateway={"per_try_idle_timeout": IDLE})
     body = {"model": MODEL_1B, "max_tokens": 100, "stream": True}
     load = Load(f"{stack.gateway}/v1/1b/chat/completions", body, rate=20)
-    marks: dict[str, float] = {}
-    replicas: list[SimReplica] = []  # [victim, survivor]
 
-    def settled() -> bool:
+    def settled(stop: float) -> bool:
         """Every stream that began before the stop has ended, and later ones keep completing on the survivor."""
-        stop = marks["stop"]
         early = [o for o in load.outcomes if o.start <= stop]
         return all(o.end for o in early) and sum(o.done for o in load.ended(stop + IDLE)) >= 10
 
-    async def scenario() -> int:
-        running = asyncio.create_task(load.run())
-        try:
-            await wait_until(lambda: sum(o.done for o in load.outcomes) >= 10, 20, "10 streams before the fault")
-            replicas.extend(busier_first(stack, load))
-            victim = replicas[0]
-            seen = await in_flight(victim, 2)
-            os.kill(victim.child.pid, signal.SIGSTOP)
-            marks["stop"] = time.monotonic()
-            await wait_until(settled, IDLE + 20, "the streams of the stop to end, and 10 more after it")
-        finally:
-            load.stop.set()
-            await running
-        return seen
-
-    seen = asyncio.run(scenario())
-    victim, survivor = replicas
-    stop = marks["stop"]
+    seen, stop, victim, survivor = asyncio.run(freeze_busier_replica(stack, load, 10, settled, IDLE + 20))
     before = [o for o in load.outcomes if o.end < stop]
     during = [o for o in load.outcomes if o.start < stop <= o.end]
     after = [o for o in load.outcomes if o.start >= stop and o.end]
@@ -366,31 +365,11 @@ def test_sigstop_non_streaming_retried_after_per_try_timeout(make_stack: Callabl
     sim = ("--time-scale", "0.2")
     stack = make_stack([PoolSpec("1b", MODEL_1B, 2, sim)], gateway={"per_try_timeout": per_try})
     load = Load(f"{stack.gateway}/v1/1b/chat/completions", {"model": MODEL_1B, "max_tokens": 100}, rate=30)
-    marks: dict[str, float] = {}
-    replicas: list[SimReplica] = []  # [victim, survivor]
 
-    def settled() -> bool:
-        stop = marks["stop"]
+    def settled(stop: float) -> bool:
         return all(o.end for o in load.outcomes if o.start <= stop) and len(load.ended(stop + per_try)) >= 10
 
-    async def scenario() -> int:
-        running = asyncio.create_task(load.run())
-        try:
-            await wait_until(lambda: sum(o.done for o in load.outcomes) >= 20, 20, "20 requests before the fault")
-            replicas.extend(busier_first(stack, load))
-            victim = replicas[0]
-            seen = await in_flight(victim, 2)
-            os.kill(victim.child.pid, signal.SIGSTOP)
-            marks["stop"] = time.monotonic()
-            await wait_until(settled, per_try + 20, "the requests of the stop to end, and 10 more after it")
-        finally:
-            load.stop.set()
-            await running
-        return seen
-
-    seen = asyncio.run(scenario())
-    survivor = replicas[1]
-    stop = marks["stop"]
+    seen, stop, _victim, survivor = asyncio.run(freeze_busier_replica(stack, load, 20, settled, per_try + 20))
     before = [o for o in load.outcomes if o.end < stop]
     during = [o for o in load.outcomes if o.start < stop <= o.end]
     after = [o for o in load.outcomes if o.start >= stop]
