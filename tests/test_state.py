@@ -60,11 +60,10 @@ class RedisServer:
 
     def _answers(self) -> bool:
         tls = ["--tls", "--cacert", str(self.tls_ca)] if self.tls_ca else []
-        out = subprocess.run(["redis-cli", *tls, "-p", str(self.port), "ping"], capture_output=True, text=True)
-        return out.stdout.strip() == "PONG"
+        return redis_cli(*tls, "-p", str(self.port), "ping").strip() == "PONG"
 
     def cli(self, *args: str) -> str:
-        return subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True).stdout
+        return redis_cli("-p", str(self.port), *args)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -72,6 +71,14 @@ class RedisServer:
                 os.kill(self.proc.pid, signal.SIGCONT)
             self.proc.kill()
             self.proc.wait(10)
+
+
+def redis_cli(*args: str) -> str:
+    """What ``redis-cli ARGS`` prints; "" when it does not finish in 5 s (a port held by a stopped process)."""
+    try:
+        return subprocess.run(["redis-cli", *args], capture_output=True, text=True, timeout=5).stdout
+    except subprocess.TimeoutExpired:
+        return ""
 
 
 @pytest.fixture
@@ -419,6 +426,29 @@ def test_redis_down_at_start_stalled_and_restarted_empty(redis_server: RedisServ
     asyncio.run(main())
 
 
+def test_stop_ends_in_bounded_time_with_redis_stalled(redis_server: RedisServer) -> None:
+    """A picker shutting down while Redis hangs: stop() gives up on the flush and the close, never waits on."""
+
+    async def main() -> None:
+        conf = config(redis_server.url)
+        a = Replica(conf, "a")
+        await a.replicator.start()
+        assert redis_server.proc is not None
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            a.pick(DOCUMENT)  # waiting to be published when the stop comes
+            started = time.monotonic()
+            await a.replicator.stop()
+            took = time.monotonic() - started
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        # the loops (2 x timeout), cancelling a stuck one (timeout), the flush and the close (timeout each)
+        assert took < 5 * conf.state.timeout + 0.5, took
+        assert not a.replicator._tasks or all(t.done() for t in a.replicator._tasks)
+
+    asyncio.run(main())
+
+
 def test_a_redis_cluster_and_a_sentinel_watched_primary_work_the_same(tmp_path: Path) -> None:
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         pytest.skip(NO_REDIS)
@@ -453,10 +483,8 @@ def test_a_redis_cluster_and_a_sentinel_watched_primary_work_the_same(tmp_path: 
             ["redis-server", str(conf_file), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
-            ask = ["redis-cli", "-p", str(sentinel_port), "sentinel", "get-master-addr-by-name", "main"]
-            wait_for(
-                lambda: str(primary.port) in subprocess.run(ask, capture_output=True, text=True).stdout, 30, "sentinel"
-            )
+            ask = ["-p", str(sentinel_port), "sentinel", "get-master-addr-by-name", "main"]
+            wait_for(lambda: str(primary.port) in redis_cli(*ask), 30, "sentinel")
 
             for url in (f"redis+cluster://{nodes[1]}", f"redis+sentinel://127.0.0.1:{sentinel_port}/main/0"):
                 asyncio.run(one_pick_replicates(config(url), 10, f"replication through {url}"))

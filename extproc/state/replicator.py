@@ -117,6 +117,7 @@ class Replicator:
         self._covered_at: dict[str, float] = {}  # address -> monotonic arrival of a better-ranked replica's scrape
         self._ranks: dict[str, int] = {}  # address -> this replica's rank for it (lower scrapes)
         self._wake = asyncio.Event()  # something to publish
+        self._stopping = False  # stop(): the loops finish their Redis command and end
         self._loads_timer = False  # a wake-up for the pending loads is scheduled
         self._client: Any = None
         self._last_id: bytes | None = None  # the last stream entry applied; None until the history is read
@@ -157,17 +158,29 @@ class Replicator:
         self._tasks = [asyncio.create_task(self._publish_loop()), asyncio.create_task(self._read_loop())]
 
     async def stop(self) -> None:
-        """Publish what is left (briefly), stop the loops, close the connection."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        """Stop the loops, publish what is left (briefly), close the connection.
+
+        The loops are asked to end rather than cancelled: redis-py (8.1) can lose a cancellation that lands
+        in a read, and the task then waits on its socket for ever (seen with Cluster and Sentinel clients on a
+        loaded machine: a shutdown that awaited it never ended). A loop ends after its current command (a
+        blocked XREAD returns within ``timeout / 2``); one that does not is cancelled, and every wait here is
+        bounded, so a shutdown never hangs on Redis.
+        """
+        self._stopping = True
+        self._wake.set()  # an idle publisher wakes, sees the flag and ends
+        if self._tasks:
+            _, running = await asyncio.wait(self._tasks, timeout=self.settings.timeout * 2)
+            for task in running:
+                task.cancel()
+            if running:
+                _, stuck = await asyncio.wait(running, timeout=self.settings.timeout)
+                if stuck:
+                    log.warning("state: %d replication task(s) did not stop; abandoned", len(stuck))
         if self._client is not None:
             with contextlib.suppress(*ERRORS):
                 await asyncio.wait_for(self._flush(), self.settings.timeout)
             with contextlib.suppress(*ERRORS):
-                await self._client.aclose()
+                await asyncio.wait_for(self._client.aclose(), self.settings.timeout)
 
     # ----- publishing -------------------------------------------------------------------------------
 
@@ -177,6 +190,8 @@ class Replicator:
         while True:
             await self._wake.wait()
             await asyncio.sleep(max(self.settings.publish_interval, backoff))
+            if self._stopping:
+                return  # stop() flushes what is left
             self._wake.clear()  # before taking: a pick made during the flush wakes the next round
             try:
                 await self._flush()
@@ -275,7 +290,7 @@ class Replicator:
     async def _read_loop(self) -> None:
         block_ms = max(10, int(self.settings.timeout * 500))  # a blocked read must end before the socket times out
         backoff = 0.0
-        while True:
+        while not self._stopping:
             try:
                 if self._last_id is None:
                     await self._catch_up()
@@ -289,7 +304,7 @@ class Replicator:
             except ERRORS as exc:
                 self._down(exc)
                 backoff = _next_backoff(backoff)
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(backoff)  # stop() cancels a sleep: that is safe, unlike a read
 
     async def _catch_up(self) -> None:
         """Apply the stream's whole history, oldest first (a start, or a reader that never got it)."""
