@@ -391,6 +391,12 @@ class Gateway(_Strict):
     per_try_timeout: float = Field(
         default=0.0, ge=0, description="non-streaming requests: seconds an attempt may take before a retry; 0 = off"
     )
+    request_timeout: float = Field(
+        default=60.0,
+        ge=0,
+        description="seconds a client has to send its whole request (headers and body) before Envoy answers a "
+        "JSON 408; a stalled upload otherwise holds a stream and a picker stream for 5 minutes; 0 = off",
+    )
     json_errors: bool = Field(default=True, description="Envoy's own error replies as OpenAI-style JSON")
     paths: dict[str, list[str]] = Field(
         default_factory=lambda: {path: list(methods) for path, methods in DEFAULT_PATHS.items()},

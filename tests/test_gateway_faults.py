@@ -9,6 +9,8 @@ through the simulator's /sim/faults.
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -164,6 +166,54 @@ def test_a_stopped_picker_costs_each_request_at_most_the_message_timeout(make_st
     assert all(d.picked and d.upstream == d.picked.split(",")[0] for d in after)  # the picker picks again
 
 
+def test_a_slow_picker_answers_what_it_can_in_time_and_envoy_routes_the_rest(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """A picker that is slow without stopping (a starved CPU: here SIGSTOP 250 ms, SIGCONT 100 ms, for 3 s),
+    answering some messages within Envoy's 200 ms message timeout and some after it: an answer in time is a pick
+    that Envoy honours; for a late one Envoy has already routed the request itself, and the late answer on that
+    stream breaks nothing."""
+    stack = make_stack()
+    assert stack.extproc is not None
+    picker = stack.extproc.proc
+    load = Load(lambda: stack.gateway)
+    marks: dict[str, float] = {}
+
+    async def scenario() -> None:
+        runner = asyncio.create_task(load.run())
+        await wait_until(lambda: len(load.done) >= 20, 30, "20 requests before the slow spell")
+        fail_open_before = envoy_stat(stack.admin_port, "http.gateway.ext_proc.failure_mode_allowed")
+        marks["slow"] = time.monotonic()
+        try:
+            while time.monotonic() - marks["slow"] < 3.0:
+                picker.send_signal(signal.SIGSTOP)
+                await asyncio.sleep(0.25)
+                picker.send_signal(signal.SIGCONT)
+                await asyncio.sleep(0.1)
+        finally:
+            picker.send_signal(signal.SIGCONT)
+        marks["normal"] = time.monotonic()
+        marks["fail_open"] = (
+            envoy_stat(stack.admin_port, "http.gateway.ext_proc.failure_mode_allowed") - fail_open_before
+        )
+        await wait_until(lambda: len(load.between(marks["normal"] + 0.5, 1e18)) >= 20, 30, "20 requests after")
+        load.stop.set()
+        await runner
+
+    asyncio.run(scenario())
+    during = load.between(marks["slow"] + 0.05, marks["normal"] - MESSAGE_TIMEOUT_S)
+    after = load.between(marks["normal"] + 0.5, 1e18)
+    picked = [d for d in during if d.picked]
+    print(f"during {len(during)}: picked {len(picked)}, fail-open {marks['fail_open']:.0f}; after {len(after)}")
+    assert load.errors == [] and [d for d in load.done if d.status != 200] == []
+    assert len(during) >= 10
+    assert picked and all(d.upstream == d.picked.split(",")[0] for d in picked)  # late-ish answers still count
+    assert marks["fail_open"] >= 1  # and some came too late: Envoy routed those itself
+    slowest = max(d.end - d.start for d in during)
+    assert slowest < MESSAGE_TIMEOUT_S + 1.0, slowest
+    assert all(d.picked and d.upstream == d.picked.split(",")[0] for d in after)
+
+
 def test_envoy_restarted_finds_the_picker_with_its_state(make_stack: Callable[..., Stack]) -> None:
     """Envoy SIGKILLed and started again: clients get refused connections while it is away (nothing can
     answer for the front door), then the new Envoy's first requests are picked by the same picker, which kept
@@ -262,3 +312,35 @@ def test_a_route_timeout_is_a_json_504(make_stack: Callable[..., Stack]) -> None
     error = reply.json()["error"]
     assert error == {"message": "upstream request timeout", "type": "timeout", "param": None, "code": 504}
     assert 1.0 <= waited < 3.0, waited
+
+
+def test_a_stalled_upload_is_a_json_408_and_a_slow_answer_is_not(make_stack: Callable[..., Stack]) -> None:
+    """``gateway.request_timeout`` bounds how long a client may take to send its request (a stalled upload
+    otherwise holds an Envoy stream and a picker stream for Envoy's 5-minute idle timeout), and only that: a
+    request already sent upstream may take longer to answer."""
+    stack = make_stack(replicas=1, settings={"gateway": {"request_timeout": 1.0}})
+    body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2}).encode()
+    host, port = stack.gateway.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.putrequest("POST", "/v1/completions")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body[:10])  # the rest never comes
+        started = time.monotonic()
+        reply = conn.getresponse()
+        waited = time.monotonic() - started
+        assert reply.status == 408 and reply.getheader("content-type") == "application/json", reply.status
+        error = json.loads(reply.read())["error"]
+    finally:
+        conn.close()
+    assert error == {"message": "request timeout", "type": "timeout", "param": None, "code": 408}, error
+    assert 0.8 <= waited < 3.0, waited
+
+    [replica] = stack.sims["1b"]
+    post(f"{replica.base}/sim/faults", {"delay_ms": 2000})  # twice the request timeout, once sent upstream
+    try:
+        slow = post(f"{stack.gateway}/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2})
+    finally:
+        post(f"{replica.base}/sim/faults", {"delay_ms": 0})
+    assert slow.status == 200, slow

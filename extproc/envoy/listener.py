@@ -485,6 +485,8 @@ def gateway_listener(
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=AnyProto.pack(router.Router())),
         ],
     )
+    if config.gateway.request_timeout > 0:  # disarmed once the request is sent upstream: streams are not cut
+        manager.request_timeout = seconds(config.gateway.request_timeout)
     if config.gateway.json_errors:
         manager.local_reply_config = _local_replies(buffer_limit)
     if access_log:
