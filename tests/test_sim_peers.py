@@ -137,4 +137,6 @@ def test_vllm_router_cache_aware_tokenizes_through_the_simulator(
         assert failure not in log, f"vllm-router could not tokenize through the simulator ({failure}):\n{log[-3000:]}"
     assert "Cache prefix decision" in log  # the policy decided on token ids, not on a fallback
     print(f"hit rate: cache_aware {cache_aware:.3f}, round_robin {round_robin:.3f}")
-    assert cache_aware >= round_robin + 0.3, (cache_aware, round_robin)
+    # Its decisions pay: 2.0-2.9x round robin's hit rate in 6 runs (0.24-0.29); 1.0x would mean it fell back.
+    # A ratio, not a margin: a loaded CI machine once gave 0.515 vs 0.256, 0.26 apart (the old bound was 0.3).
+    assert cache_aware >= 1.5 * round_robin, (cache_aware, round_robin)

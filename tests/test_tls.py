@@ -36,7 +36,7 @@ from extproc.config import ConfigError, load_config, parse_config
 from extproc.envoy.bootstrap import build_bootstrap
 from extproc.envoy.run import envoy_binary, start_envoy, validate_bootstrap
 from extproc.local.certs import DEFAULT_HOSTS, LocalCerts, issue, serial_of, write_certs
-from extproc.local.procs import extproc_argv, free_port
+from extproc.local.procs import Child, extproc_argv, free_port
 from extproc.local.stack import PoolSpec, Stack, start_picker_and_envoy, start_stack
 from extproc.names import PICKED_HEADER
 from extproc.tls import CertificateFiles, ClientTls, health_check
@@ -116,7 +116,12 @@ def mtls_stack(tmp_path_factory: pytest.TempPathFactory, certs: LocalCerts) -> I
 def test_envoy_reaches_the_picker_over_mtls_and_routes(mtls_stack: Stack, certs: LocalCerts) -> None:
     context = ext_proc_cluster(mtls_stack.log_dir / "envoy.yaml")["transport_socket"]["typed_config"]
     context = context["common_tls_context"]
-    assert context["tls_certificates"][0]["certificate_chain"]["filename"] == str(certs.client_cert)
+    # the client certificate comes through file-based SDS, so Envoy follows its renewals
+    [sds] = context["tls_certificate_sds_secret_configs"]
+    [secret] = yaml.safe_load(Path(sds["sds_config"]["path_config_source"]["path"]).read_text())["resources"]
+    assert secret["name"] == sds["name"]
+    assert secret["tls_certificate"]["certificate_chain"]["filename"] == str(certs.client_cert)
+    assert secret["tls_certificate"]["watched_directory"]["path"] == str(certs.client_cert.parent)
     assert context["validation_context"]["trusted_ca"]["filename"] == str(certs.ca)
 
     replies = [post(f"{mtls_stack.gateway}/v1/chat/completions", chat(i)) for i in range(20)]
@@ -290,6 +295,60 @@ def wait_for(condition: Any, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
+def test_envoy_follows_a_renewal_of_its_client_certificate_without_a_restart(tmp_path: Path, certs: LocalCerts) -> None:
+    """Envoy's client certificate for the picker lives in a Secret volume and is renewed by a new CA's; the
+    picker then trusts only that CA and restarts (old connections gone): requests are picked again through the
+    same Envoy, so it presented the renewed certificate. Inline in the bootstrap, Envoy would keep the old one and
+    every request would fail open."""
+    other = write_certs(tmp_path / "other-ca")
+    volume = SecretVolume(tmp_path / "envoy-client", certs)
+    for version, ca in (("v1", certs), ("v2", other)):
+        (tmp_path / "envoy-client" / f"..{version}").mkdir()
+        issue(ca, volume.directory / f"..{version}" / "tls.crt", volume.directory / f"..{version}" / "tls.key",
+              "envoy", usage="clientAuth")  # fmt: skip
+    volume.swap("v1")
+    trusted = tmp_path / "client-cas.pem"
+    trusted.write_text(certs.ca.read_text() + other.ca.read_text())
+    server_tls = {"cert_file": str(certs.server_cert), "key_file": str(certs.server_key)}
+    server_tls["client_ca_file"] = str(trusted)
+    envoy_client = ClientTls(str(certs.ca), None, str(volume.cert), str(volume.key))
+    stack = start_stack(
+        tmp_path / "stack",
+        POOLS,
+        tls=certs,
+        settings={"server": {"tls": server_tls}},
+        bootstrap_options={"ext_proc_tls": envoy_client},
+    )
+    try:
+        time.sleep(0.3)
+        assert all(picked(post(f"{stack.gateway}/v1/chat/completions", chat(i))) for i in range(5))
+        renewed = serial_of(volume.directory / "..v2" / "tls.crt")
+        volume.swap("v2")  # one rename, as the kubelet does
+        assert stack.envoy is not None
+
+        def envoy_holds_the_renewal() -> bool:
+            loaded = json.loads(get(f"http://127.0.0.1:{stack.admin_port}/certs").body)["certificates"]
+            chains = [c for entry in loaded for c in entry.get("cert_chain", [])]
+            return renewed in {int(c["serial_number"], 16) for c in chains}
+
+        wait_for(envoy_holds_the_renewal, 10, "Envoy to load the renewed client certificate")
+        trusted.write_text(other.ca.read_text())  # the old CA retired: only the renewed certificate passes
+        assert stack.extproc is not None
+        stack.extproc.stop()
+        restarted = Child("extproc-restarted", extproc_argv("serve", "--config", str(stack.config_path)), stack.log_dir)
+        stack.extras.append(restarted)
+        replies: list[bool] = []
+
+        def picks_again() -> bool:
+            replies.append(picked(post(f"{stack.gateway}/v1/chat/completions", chat(len(replies)))))
+            return replies[-1]
+
+        wait_for(picks_again, 20, "a pick through the restarted picker, which trusts only the new CA")
+        assert all(picked(post(f"{stack.gateway}/v1/chat/completions", chat(100 + i))) for i in range(5))
+    finally:
+        stack.stop()
+
+
 def test_a_half_done_rotation_keeps_the_previous_pair(tmp_path: Path, certs: LocalCerts) -> None:
     """A rotation that rewrites the files one by one: new key with the old certificate is ignored until the
     certificate lands too."""
@@ -380,6 +439,18 @@ def test_envoy_config_tls_options(tmp_path: Path, certs: LocalCerts) -> None:
     ]
     assert tls["common_tls_context"]["alpn_protocols"] == ["h2"]
     validate_bootstrap(tmp_path / "envoy.yaml", tmp_path / "validated.yaml")  # Envoy accepts it (files exist)
+    # The client certificate: through an SDS file beside the output (Envoy follows renewals), or --secrets-dir;
+    # on stdout there is nowhere to write one, so inline (read once at start).
+    [sds] = tls["common_tls_context"]["tls_certificate_sds_secret_configs"]
+    assert sds["sds_config"]["path_config_source"]["path"] == str(tmp_path / "extproc-client-sds.yaml")
+    status, text = run("--ext-proc-ca", str(certs.ca), *client, "--secrets-dir", str(tmp_path / "secrets"))
+    assert status == 0 and (tmp_path / "secrets" / "extproc-client-sds.yaml").is_file(), text
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["envoy-config", "--config", str(path), "--ext-proc-ca", str(certs.ca), *client]) == 0
+    [inline] = [c for c in yaml.safe_load(out.getvalue())["static_resources"]["clusters"] if c["name"] == "extproc"]
+    common = inline["transport_socket"]["typed_config"]["common_tls_context"]
+    assert common["tls_certificates"][0]["certificate_chain"]["filename"] == str(certs.client_cert)
 
 
 def test_extproc_certs_command(tmp_path: Path) -> None:

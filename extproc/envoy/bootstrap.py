@@ -38,6 +38,7 @@ def build_bootstrap_message(
     eds_dir: str | None = None,
     write_eds_files: bool = True,
     ext_proc_tls: ClientTls | None = None,
+    secrets_dir: str | None = None,
 ) -> bootstrap.Bootstrap:
     """The typed bootstrap.
 
@@ -52,7 +53,9 @@ def build_bootstrap_message(
     ext_proc resolves them). Envoy rejects a bootstrap whose EDS file is missing.
 
     ``ext_proc_tls`` makes Envoy reach the ext_proc over TLS (mTLS with a client certificate); a configuration with
-    ``server.tls`` requires it, since its picker accepts nothing else.
+    ``server.tls`` requires it, since its picker accepts nothing else. ``secrets_dir`` is where the client
+    certificate's SDS file is written (`write_client_secret`), so Envoy follows its renewals; without it Envoy
+    reads the certificate once, at start.
     """
     tls = config.server.tls
     if tls is not None and ext_proc_tls is None:
@@ -93,7 +96,7 @@ def build_bootstrap_message(
         static_resources=bootstrap.BootstrapStaticResources(
             listeners=[gateway],
             clusters=[
-                ext_proc_cluster(ext_proc or config.server.listen, ext_proc_tls),
+                ext_proc_cluster(ext_proc or config.server.listen, ext_proc_tls, secrets_dir),
                 *(pool_cluster(pool, fallback, eds_dir, config.gateway) for pool in config.pools),
             ],
         ),

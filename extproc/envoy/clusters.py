@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import yaml
+
 from extproc.config import Config, Gateway, Pool, parse_host_port
 from extproc.datalayer.eds import eds_path, write_eds
 from extproc.envoy.proto import (
@@ -210,12 +212,44 @@ def _is_hostname(value: str) -> bool:
     return False
 
 
-def _ext_proc_tls(targets: Sequence[str], tls: ClientTls) -> core.TransportSocket:
+CLIENT_SECRET = "extproc-client"  # the SDS secret of Envoy's client certificate for the picker
+CLIENT_SECRET_FILE = "extproc-client-sds.yaml"
+
+
+def write_client_secret(secrets_dir: str | Path, tls: ClientTls) -> Path:
+    """Write the file-based SDS resource of Envoy's client certificate into ``secrets_dir``; returns its path.
+
+    Envoy re-reads a certificate served this way when its files change, so cert-manager's or OpenShift's renewal
+    reaches Envoy without a restart (certificates given inline in the bootstrap are read once). The certificate's
+    directory is watched as a whole: a Kubernetes Secret volume renews both files with one rename of ``..data``.
+    """
+    assert tls.cert_file and tls.key_file
+    cert, key = Path(tls.cert_file), Path(tls.key_file)
+    certificate: dict[str, Any] = {
+        "certificate_chain": {"filename": str(cert)},
+        "private_key": {"filename": str(key)},
+    }
+    if cert.parent == key.parent:
+        certificate["watched_directory"] = {"path": str(cert.parent)}
+    secret = {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+        "name": CLIENT_SECRET,
+        "tls_certificate": certificate,
+    }
+    path = Path(secrets_dir) / CLIENT_SECRET_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(yaml.safe_dump({"resources": [secret]}, sort_keys=False))
+    temporary.replace(path)  # Envoy watches this file too: never let it read half of one
+    return path
+
+
+def _ext_proc_tls(targets: Sequence[str], tls: ClientTls, secrets_dir: str | None = None) -> core.TransportSocket:
     """Envoy's TLS to the picker (server.tls): its certificate must chain to ``tls.ca_file`` and name
     ``tls.server_name`` (default: one of the targets' hosts), and with a client certificate Envoy presents it (mTLS).
 
-    Envoy reads these files when it starts: a new client certificate or CA for Envoy needs an Envoy restart (the
-    picker's own certificate rotates without one)."""
+    With ``secrets_dir`` the client certificate comes through file-based SDS (`write_client_secret`) and is
+    re-read when it changes; without, Envoy reads it at start only. The CA file is read at start either way."""
     from envoy_data_plane.envoy.extensions.transport_sockets.tls import v3 as tls_v3
 
     san = tls_v3.SubjectAltNameMatcherSanType
@@ -238,7 +272,13 @@ def _ext_proc_tls(targets: Sequence[str], tls: ClientTls) -> core.TransportSocke
             trusted_ca=core.DataSource(filename=tls.ca_file), match_typed_subject_alt_names=matchers
         ),
     )
-    if tls.cert_file and tls.key_file:
+    if tls.cert_file and tls.key_file and secrets_dir is not None:
+        source = core.ConfigSource(
+            path_config_source=core.PathConfigSource(path=str(write_client_secret(secrets_dir, tls))),
+            resource_api_version=core.ApiVersion.V3,
+        )
+        common_tls.tls_certificate_sds_secret_configs = [tls_v3.SdsSecretConfig(name=CLIENT_SECRET, sds_config=source)]
+    elif tls.cert_file and tls.key_file:
         common_tls.tls_certificates = [
             tls_v3.TlsCertificate(
                 certificate_chain=core.DataSource(filename=tls.cert_file),
@@ -258,14 +298,15 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def ext_proc_cluster(ext_proc: str, tls: ClientTls | None = None) -> cluster.Cluster:
+def ext_proc_cluster(ext_proc: str, tls: ClientTls | None = None, secrets_dir: str | None = None) -> cluster.Cluster:
     """HTTP/2 to the ext_proc: a STATIC cluster for IPs or unix sockets; for a name (a compose service, a Kubernetes
     Service) DNS, one logical host re-resolved every few seconds, so the ext_proc can move without an Envoy restart.
 
     ``ext_proc`` may list several replicas, comma-separated (``10.0.0.5:9002,10.0.0.6:9002``, or compose service
     names): each is a host of the cluster, and Envoy spreads the ext_proc streams (one per request) over them
     round robin. Replicas that should decide alike share their state (``state.backend: redis``). With ``tls`` the
-    connections are TLS (mTLS with a client certificate), for a picker with ``server.tls``."""
+    connections are TLS (mTLS with a client certificate), for a picker with ``server.tls``; ``secrets_dir`` as for
+    `_ext_proc_tls`."""
     targets = [t.strip() for t in ext_proc.split(",") if t.strip()]
     if not targets:
         raise ValueError("ext_proc: no address given")
@@ -276,7 +317,7 @@ def ext_proc_cluster(ext_proc: str, tls: ClientTls | None = None) -> cluster.Clu
         "load_assignment": _load_assignment(EXT_PROC_CLUSTER, [address(t) for t in targets]),
     }
     if tls is not None:
-        common["transport_socket"] = _ext_proc_tls(targets, tls)
+        common["transport_socket"] = _ext_proc_tls(targets, tls, secrets_dir)
     if not any(_is_hostname(t) for t in targets):
         return cluster.Cluster(type=cluster.ClusterDiscoveryType.STATIC, **common)
     discovery = dns_cluster.DnsCluster(

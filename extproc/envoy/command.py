@@ -36,6 +36,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     tls.add_argument("--ext-proc-cert", help="Envoy's client certificate, for a picker with server.tls.client_ca_file")
     tls.add_argument("--ext-proc-key", help="the client certificate's private key")
+    tls.add_argument(
+        "--secrets-dir",
+        help="where to write the client certificate's SDS file, which makes Envoy re-read the certificate when "
+        "it is renewed (default: the --output file's directory; with --output -, none: read once at start)",
+    )
     p.add_argument("--message-timeout-ms", type=int, default=200, help="ext_proc per-message timeout")
     p.add_argument(
         "--max-request-bytes",
@@ -73,6 +78,15 @@ def ext_proc_tls(args: argparse.Namespace) -> ClientTls | None:
     return ClientTls(args.ext_proc_ca, args.ext_proc_server_name, args.ext_proc_cert, args.ext_proc_key)
 
 
+def secrets_dir(args: argparse.Namespace) -> str | None:
+    """--secrets-dir, else the output file's directory (Envoy reads the bootstrap there, so it can read this)."""
+    if args.secrets_dir is not None:
+        return str(args.secrets_dir)
+    if args.ext_proc_cert is None or args.output == "-":
+        return None
+    return str(Path(args.output).resolve().parent)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         from extproc.envoy.bootstrap import render_bootstrap  # Envoy's typed config: a second to import
@@ -90,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             route_timeout_s=args.route_timeout,
             access_log=args.access_log,
             eds_dir=args.eds_dir,
+            secrets_dir=secrets_dir(args),
         )
     except (ConfigError, ValueError, OSError) as exc:
         print(f"extproc envoy-config: error: {exc}", file=sys.stderr)
