@@ -12,8 +12,9 @@ import asyncio
 import http.client
 import json
 import signal
+import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,43 +122,60 @@ def endpoints_up(stack: Stack) -> set[str]:
     }
 
 
-def test_a_stopped_picker_costs_each_request_at_most_the_message_timeout(make_stack: Callable[..., Stack]) -> None:
-    """SIGSTOP the picker for 3 s under load (a hung event loop, a starved CPU): Envoy waits at most its
-    ext_proc message timeout per request, then routes by itself (fail-open); picks resume after SIGCONT."""
-    stack = make_stack()
+@dataclass
+class PickerFault:
+    """What a picker fault did to requests under load: its start and end, and Envoy's fail-opens meanwhile."""
+
+    load: Load
+    start: float
+    end: float
+    fail_open: int
+
+
+def picker_fault_under_load(stack: Stack, fault: Callable[[subprocess.Popen[bytes]], Awaitable[None]]) -> PickerFault:
+    """Run 4 closed-loop clients; after 20 requests, ``fault`` (given the picker's process); 20 requests after."""
     assert stack.extproc is not None
-    picker = stack.extproc.proc
     load = Load(lambda: stack.gateway)
-    stall = 3.0
     marks: dict[str, float] = {}
+    failure_mode_allowed = "http.gateway.ext_proc.failure_mode_allowed"
 
     async def scenario() -> None:
         runner = asyncio.create_task(load.run())
-        await wait_until(lambda: len(load.done) >= 20, 30, "20 requests before the stall")
-        fail_open_before = envoy_stat(stack.admin_port, "http.gateway.ext_proc.failure_mode_allowed")
-        marks["stopped"] = time.monotonic()
-        picker.send_signal(signal.SIGSTOP)
-        try:
-            await asyncio.sleep(stall)
-        finally:
-            picker.send_signal(signal.SIGCONT)
-        marks["resumed"] = time.monotonic()
-        marks["fail_open"] = (
-            envoy_stat(stack.admin_port, "http.gateway.ext_proc.failure_mode_allowed") - fail_open_before
-        )
-        await wait_until(lambda: len(load.between(marks["resumed"] + 0.5, 1e18)) >= 20, 30, "20 requests after")
+        await wait_until(lambda: len(load.done) >= 20, 30, "20 requests before the fault")
+        fail_open_before = envoy_stat(stack.admin_port, failure_mode_allowed)
+        marks["start"] = time.monotonic()
+        assert stack.extproc is not None
+        await fault(stack.extproc.proc)
+        marks["end"] = time.monotonic()
+        marks["fail_open"] = envoy_stat(stack.admin_port, failure_mode_allowed) - fail_open_before
+        await wait_until(lambda: len(load.between(marks["end"] + 0.5, 1e18)) >= 20, 30, "20 requests after")
         load.stop.set()
         await runner
 
     asyncio.run(scenario())
-    stopped, resumed = marks["stopped"], marks["resumed"]
+    return PickerFault(load, marks["start"], marks["end"], int(marks["fail_open"]))
+
+
+def test_a_stopped_picker_costs_each_request_at_most_the_message_timeout(make_stack: Callable[..., Stack]) -> None:
+    """SIGSTOP the picker for 3 s under load (a hung event loop, a starved CPU): Envoy waits at most its
+    ext_proc message timeout per request, then routes by itself (fail-open); picks resume after SIGCONT."""
+
+    async def stop_for_3s(picker: subprocess.Popen[bytes]) -> None:
+        picker.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(3.0)
+        finally:
+            picker.send_signal(signal.SIGCONT)
+
+    run = picker_fault_under_load(make_stack(), stop_for_3s)
+    load, stopped, resumed = run.load, run.start, run.end
     # "during": started while stopped, and early enough that the picker could not answer within the message
     # timeout (one started 0.15 s before SIGCONT is legitimately picked when the picker wakes up).
     before, during = load.between(0, stopped), load.between(stopped + 0.05, resumed - MESSAGE_TIMEOUT_S - 0.05)
     after = load.between(resumed + 0.5, 1e18)
-    print(f"before {len(before)} / during {len(during)} / after {len(after)}; fail-open {marks['fail_open']:.0f}")
+    print(f"before {len(before)} / during {len(during)} / after {len(after)}; fail-open {run.fail_open}")
     assert load.errors == [] and [d for d in load.done if d.status != 200] == []
-    assert len(during) >= 10 and marks["fail_open"] >= len(during)  # the stall happened and was bridged
+    assert len(during) >= 10 and run.fail_open >= len(during)  # the stall happened and was bridged
     picked_during = [(round(d.start - stopped, 3), round(d.end - d.start, 3), d.picked) for d in during if d.picked]
     assert picked_during == [], picked_during  # routed by Envoy: nobody picked these
     # Each waited for the message timeout, not for the picker: well under the 3 s stall.
@@ -173,42 +191,28 @@ def test_a_slow_picker_answers_what_it_can_in_time_and_envoy_routes_the_rest(
     answering some messages within Envoy's 200 ms message timeout and some after it: an answer in time is a pick
     that Envoy honours; for a late one Envoy has already routed the request itself, and the late answer on that
     stream breaks nothing."""
-    stack = make_stack()
-    assert stack.extproc is not None
-    picker = stack.extproc.proc
-    load = Load(lambda: stack.gateway)
-    marks: dict[str, float] = {}
 
-    async def scenario() -> None:
-        runner = asyncio.create_task(load.run())
-        await wait_until(lambda: len(load.done) >= 20, 30, "20 requests before the slow spell")
-        fail_open_before = envoy_stat(stack.admin_port, "http.gateway.ext_proc.failure_mode_allowed")
-        marks["slow"] = time.monotonic()
+    async def starve_for_3s(picker: subprocess.Popen[bytes]) -> None:
+        started = time.monotonic()
         try:
-            while time.monotonic() - marks["slow"] < 3.0:
+            while time.monotonic() - started < 3.0:
                 picker.send_signal(signal.SIGSTOP)
                 await asyncio.sleep(0.25)
                 picker.send_signal(signal.SIGCONT)
                 await asyncio.sleep(0.1)
         finally:
             picker.send_signal(signal.SIGCONT)
-        marks["normal"] = time.monotonic()
-        marks["fail_open"] = (
-            envoy_stat(stack.admin_port, "http.gateway.ext_proc.failure_mode_allowed") - fail_open_before
-        )
-        await wait_until(lambda: len(load.between(marks["normal"] + 0.5, 1e18)) >= 20, 30, "20 requests after")
-        load.stop.set()
-        await runner
 
-    asyncio.run(scenario())
-    during = load.between(marks["slow"] + 0.05, marks["normal"] - MESSAGE_TIMEOUT_S)
-    after = load.between(marks["normal"] + 0.5, 1e18)
+    run = picker_fault_under_load(make_stack(), starve_for_3s)
+    load = run.load
+    during = load.between(run.start + 0.05, run.end - MESSAGE_TIMEOUT_S)
+    after = load.between(run.end + 0.5, 1e18)
     picked = [d for d in during if d.picked]
-    print(f"during {len(during)}: picked {len(picked)}, fail-open {marks['fail_open']:.0f}; after {len(after)}")
+    print(f"during {len(during)}: picked {len(picked)}, fail-open {run.fail_open}; after {len(after)}")
     assert load.errors == [] and [d for d in load.done if d.status != 200] == []
     assert len(during) >= 10
     assert picked and all(d.upstream == d.picked.split(",")[0] for d in picked)  # late-ish answers still count
-    assert marks["fail_open"] >= 1  # and some came too late: Envoy routed those itself
+    assert run.fail_open >= 1  # and some came too late: Envoy routed those itself
     slowest = max(d.end - d.start for d in during)
     assert slowest < MESSAGE_TIMEOUT_S + 1.0, slowest
     assert all(d.picked and d.upstream == d.picked.split(",")[0] for d in after)
