@@ -23,6 +23,7 @@ import yaml
 from extproc.config import Config, Gateway, Pool, parse_host_port
 from extproc.datalayer.eds import eds_path, write_eds
 from extproc.envoy.proto import (
+    SNAKE,
     AnyProto,
     Struct,
     address,
@@ -216,25 +217,22 @@ CLIENT_SECRET = "extproc-client"  # the SDS secret of Envoy's client certificate
 CLIENT_SECRET_FILE = "extproc-client-sds.yaml"
 
 
-def write_client_secret(secrets_dir: str | Path, tls: ClientTls) -> Path:
-    """Write the file-based SDS resource of Envoy's client certificate into ``secrets_dir``; returns its path.
+def write_client_secret(secrets_dir: str | Path, certificate: Any) -> Path:
+    """Write the file-based SDS resource of Envoy's client certificate (a ``TlsCertificate`` of file names) into
+    ``secrets_dir``; returns its path.
 
     Envoy re-reads a certificate served this way when its files change, so cert-manager's or OpenShift's renewal
     reaches Envoy without a restart (certificates given inline in the bootstrap are read once). The certificate's
     directory is watched as a whole: a Kubernetes Secret volume renews both files with one rename of ``..data``.
     """
-    assert tls.cert_file and tls.key_file
-    cert, key = Path(tls.cert_file), Path(tls.key_file)
-    certificate: dict[str, Any] = {
-        "certificate_chain": {"filename": str(cert)},
-        "private_key": {"filename": str(key)},
-    }
-    if cert.parent == key.parent:
-        certificate["watched_directory"] = {"path": str(cert.parent)}
+    from envoy_data_plane.envoy.extensions.transport_sockets.tls import v3 as tls_v3
+
+    cert = Path(certificate.certificate_chain.filename)
+    if cert.parent == Path(certificate.private_key.filename).parent:
+        certificate.watched_directory = core.WatchedDirectory(path=str(cert.parent))
     secret = {
         "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
-        "name": CLIENT_SECRET,
-        "tls_certificate": certificate,
+        **tls_v3.Secret(name=CLIENT_SECRET, tls_certificate=certificate).to_dict(casing=SNAKE),
     }
     path = Path(secrets_dir) / CLIENT_SECRET_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,19 +270,21 @@ def _ext_proc_tls(targets: Sequence[str], tls: ClientTls, secrets_dir: str | Non
             trusted_ca=core.DataSource(filename=tls.ca_file), match_typed_subject_alt_names=matchers
         ),
     )
-    if tls.cert_file and tls.key_file and secrets_dir is not None:
-        source = core.ConfigSource(
-            path_config_source=core.PathConfigSource(path=str(write_client_secret(secrets_dir, tls))),
-            resource_api_version=core.ApiVersion.V3,
+    if tls.cert_file and tls.key_file:
+        certificate = tls_v3.TlsCertificate(
+            certificate_chain=core.DataSource(filename=tls.cert_file),
+            private_key=core.DataSource(filename=tls.key_file),
         )
-        common_tls.tls_certificate_sds_secret_configs = [tls_v3.SdsSecretConfig(name=CLIENT_SECRET, sds_config=source)]
-    elif tls.cert_file and tls.key_file:
-        common_tls.tls_certificates = [
-            tls_v3.TlsCertificate(
-                certificate_chain=core.DataSource(filename=tls.cert_file),
-                private_key=core.DataSource(filename=tls.key_file),
+        if secrets_dir is None:
+            common_tls.tls_certificates = [certificate]
+        else:
+            source = core.ConfigSource(
+                path_config_source=core.PathConfigSource(path=str(write_client_secret(secrets_dir, certificate))),
+                resource_api_version=core.ApiVersion.V3,
             )
-        ]
+            common_tls.tls_certificate_sds_secret_configs = [
+                tls_v3.SdsSecretConfig(name=CLIENT_SECRET, sds_config=source)
+            ]
     sni = next((n for n in names if n not in ips), "")  # SNI carries a name, never an IP address
     context = tls_v3.UpstreamTlsContext(common_tls_context=common_tls, sni=sni)
     return core.TransportSocket(name="envoy.transport_sockets.tls", typed_config=AnyProto.pack(context))
