@@ -55,7 +55,7 @@ def words(rng: random.Random, n_chars: int) -> str:
     return "".join(rng.choice(string.ascii_lowercase + " ") for _ in range(n_chars))
 
 
-async def drive(base: str, concurrency: int = 4) -> None:
+async def drive(base: str, concurrency: int = 1) -> None:
     """Every user's conversation through ``base``, ``concurrency`` requests at a time, users interleaved.
 
     Each turn carries the whole conversation so far (the tenant's system prompt, earlier turns and answers).
@@ -137,6 +137,7 @@ def test_vllm_router_cache_aware_tokenizes_through_the_simulator(
         assert failure not in log, f"vllm-router could not tokenize through the simulator ({failure}):\n{log[-3000:]}"
     assert "Cache prefix decision" in log  # the policy decided on token ids, not on a fallback
     print(f"hit rate: cache_aware {cache_aware:.3f}, round_robin {round_robin:.3f}")
-    # Its decisions pay: 2.0-2.9x round robin's hit rate in 6 runs (0.24-0.29); 1.0x would mean it fell back.
-    # A ratio, not a margin: a loaded CI machine once gave 0.515 vs 0.256, 0.26 apart (the old bound was 0.3).
-    assert cache_aware >= 1.5 * round_robin, (cache_aware, round_robin)
+    # Its decisions pay. One request at a time, so neither router sees load and both runs are deterministic:
+    # 0.367 vs 0.299 in every run here. With 2-4 in flight, vllm-router's load balancing made its hit rate
+    # depend on the machine's timing (1.2-2.9x round robin; a loaded CI machine gave 0.394 vs 0.302).
+    assert cache_aware >= 1.15 * round_robin, (cache_aware, round_robin)

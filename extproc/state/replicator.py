@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 BATCH_PICKS = 64  # picks per stream entry at most: applying one entry holds the event loop ~2 ms at worst
 READ_COUNT = 500  # entries per XREAD / XRANGE
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-BACKOFF_MAX = 2.0  # seconds between attempts while Redis does not answer: resumes within 2 s of its return
+BACKOFF_MAX = 1.0  # seconds between attempts while Redis is away: leaves room to resume within 2 s of its return
 ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 COVER_INTERVALS = 4.0  # another replica's scrape stands in for ours this many scrape intervals after it arrives
 
