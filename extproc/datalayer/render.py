@@ -8,14 +8,21 @@ to a model server is on the request path for every prompt not seen before; a pro
 a repeated system prompt with the same messages) comes from the cache. A prompt of token ids needs nothing.
 A failure or a timeout returns None: the request is scored without tokens (the approximate index), never
 failed.
+
+With the model's tokenizer files configured for a pool (``precise_prefix``'s ``tokenizer`` param), its
+prompts are tokenized here instead (``extproc/hf_tokenizer.py``): no round trip, a little picker CPU per
+token (docs/precise-prefix.md); a request the files cannot render (a template that refuses it) still goes to
+an engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from array import array
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from extproc.datalayer.table import EndpointTable
+from extproc.hf_tokenizer import HfTokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +48,23 @@ class RenderStats:
     misses: int = 0  # rendered by an engine
     errors: int = 0  # no answer, a bad status or a malformed answer: scored without tokens
     seconds: float = 0.0  # time spent waiting for engines (misses and errors)
+    local: int = 0  # tokenized here with the pool's tokenizer files
+    local_errors: int = 0  # the files could not render it: asked an engine instead
+    local_seconds: float = 0.0  # time spent tokenizing here
 
 
 class RenderTokenizer:
     """``token_ids(...)`` of a request through one of its pool's engines, with an LRU cache."""
 
-    def __init__(self, table: EndpointTable, timeout: float, cache_entries: int) -> None:
+    def __init__(
+        self,
+        table: EndpointTable,
+        timeout: float,
+        cache_entries: int,
+        local: Mapping[str | None, HfTokenizer] | None = None,
+    ) -> None:
         self._table = table
+        self._local = dict(local or {})  # pool (None: any pool) -> the model's tokenizer files
         self._timeout = timeout
         self._cache_entries = cache_entries
         self._cache: OrderedDict[int, array] = OrderedDict()
@@ -55,6 +73,7 @@ class RenderTokenizer:
         self._turn = 0
         self.stats = RenderStats()
         self._warned = False
+        self._warned_local = False
 
     async def close(self) -> None:
         if self._session is not None:
@@ -78,6 +97,12 @@ class RenderTokenizer:
             self._cache.move_to_end(key)
             self.stats.hits += 1
             return cached
+        local = self._local.get(pool) or self._local.get(None)
+        if local is not None:
+            tokens = self._tokenize_here(local, body)
+            if tokens is not None:
+                self._remember(key, tokens)
+                return tokens
         endpoints = [e for e in self._table.pool_endpoints(pool) if e.scrape_ok] or list(
             self._table.pool_endpoints(pool)
         )
@@ -94,6 +119,21 @@ class RenderTokenizer:
             return None
         self.stats.misses += 1
         self._remember(key, tokens)
+        return tokens
+
+    def _tokenize_here(self, tokenizer: HfTokenizer, body: dict[str, Any]) -> array | None:
+        started = time.perf_counter()
+        try:
+            tokens = array("I", tokenizer.prompt_ids(body))
+        except (TokenizerError, OverflowError) as exc:
+            self.stats.local_errors += 1
+            if not self._warned_local:
+                log.warning("tokenizer %s could not render a request (%s); asking an engine", tokenizer.path, exc)
+                self._warned_local = True
+            return None
+        finally:
+            self.stats.local_seconds += time.perf_counter() - started
+        self.stats.local += 1
         return tokens
 
     async def _render(self, address: str, path: str, body: dict[str, Any]) -> array | None:
@@ -150,13 +190,19 @@ class RenderCollector:
         requests = CounterMetricFamily(
             "extproc_render_requests",
             "Prompts tokenized for precise_prefix, by result: hit (cache), miss (an engine rendered it), "
-            "error (no tokens in time: scored approximately).",
+            "error (no tokens in time: scored approximately), local (the model's tokenizer files, here), "
+            "local_error (the files could not render it: an engine was asked).",
             labels=["result"],
         )
-        for result, value in (("hit", s.hits), ("miss", s.misses), ("error", s.errors)):
+        results = (("hit", s.hits), ("miss", s.misses), ("error", s.errors))
+        for result, value in (*results, ("local", s.local), ("local_error", s.local_errors)):
             requests.add_metric([result], float(value))
         seconds = CounterMetricFamily(
             "extproc_render_seconds", "Time requests waited for an engine to render their prompt (misses, errors)."
         )
         seconds.add_metric([], s.seconds)
-        return [requests, seconds]
+        local = CounterMetricFamily(
+            "extproc_tokenize_seconds", "Time spent tokenizing prompts here with the model's tokenizer files."
+        )
+        local.add_metric([], s.local_seconds)
+        return [requests, seconds, local]

@@ -57,7 +57,7 @@ class Director:
         self._routes: set[str] = set()  # route labels seen (see _route)
         tokens_for = next((p for p in scheduler.plugins() if getattr(p, "needs_tokens", False)), None)
         self.tokenizer = (
-            RenderTokenizer(table, tokens_for.render_timeout, tokens_for.render_cache)
+            RenderTokenizer(table, tokens_for.render_timeout, tokens_for.render_cache, tokens_for.tokenizers)
             if tokens_for is not None
             else None
         )

@@ -82,7 +82,16 @@ class Scheduler:
 
     @classmethod
     def from_config(cls, config: cfg.Config, rng: random.Random | None = None) -> Scheduler:
-        return cls(config.scheduler, rng=rng)
+        scheduler = cls(config.scheduler, rng=rng)
+        pools = [p.name for p in config.pools]
+        for plugin in scheduler.plugins():  # a plugin's per-pool settings must name configured pools
+            unknown = sorted(str(k) for k in getattr(plugin, "tokenizers", {}) if k is not None and k not in pools)
+            if unknown:
+                raise cfg.ConfigError(
+                    f"scheduler.scorers: precise_prefix's tokenizer names pool(s) {', '.join(unknown)}, which the "
+                    f"config does not define; its pools: {', '.join(pools)}"
+                )
+        return scheduler
 
     @property
     def needs_tokens(self) -> bool:

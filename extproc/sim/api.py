@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from extproc.hf_tokenizer import HfTokenizer, TokenizerError
 from extproc.sim.config import SimConfig
 from extproc.sim.engine import Engine, EngineRequest, QueueFull
 from extproc.sim.metrics import SimMetrics
@@ -96,6 +97,8 @@ class SimServer:
         )
         self.engine.metrics = self.metrics
         self.vocabulary = Vocabulary(config.vocab_size)
+        # The model's own tokenizer when given: its ids replace the stand-in's everywhere a prompt is tokenized.
+        self.tokenizer = HfTokenizer.load(config.tokenizer) if config.tokenizer else None
         self.faults = Faults(error_rate=config.error_rate, delay=config.delay)
         self._unhang = asyncio.Event()
         self._unhang.set()
@@ -269,6 +272,8 @@ class SimServer:
     @_answers_invalid
     async def tokenize(self, request: web.Request) -> web.StreamResponse:
         body, _model = await self._read_request(request)
+        if self.tokenizer is not None:
+            return self._tokenize_with_model(body)
         if "messages" in body:
             text, _role = self._chat_prompt(body)
         elif isinstance(body.get("prompt"), str):
@@ -295,10 +300,27 @@ class SimServer:
         if not isinstance(tokens, list) or not all(type(t) is int and t >= 0 for t in tokens):
             raise _Invalid(bad_request("'tokens' must be a list of non-negative token ids", "tokens"))
         self._check_vocabulary(tokens, "tokens")
+        if self.tokenizer is not None:
+            return _json({"prompt": self.tokenizer.decode(tokens)})
         try:
             return _json({"prompt": self.vocabulary.decode(tokens)})
         except UnknownTokens as exc:
             raise _Invalid(bad_request(exc.args[0], "tokens")) from None
+
+    def _tokenize_with_model(self, body: dict[str, Any]) -> web.Response:
+        """/tokenize with the model's tokenizer: a chat through its template, a prompt as given."""
+        tokenizer = self.tokenizer
+        assert tokenizer is not None
+        if "messages" in body:
+            tokens = list(self._chat_prompt(body)[0])
+        elif isinstance(body.get("prompt"), str):
+            tokens = list(self._completion_prompt(body))
+        else:
+            raise _Invalid(bad_request("send 'prompt' (a string) or 'messages' (a chat)", "prompt"))
+        strs = [tokenizer.decode([t]) for t in tokens] if body.get("return_token_strs") is True else None
+        return _json(
+            {"count": len(tokens), "max_model_len": self.config.max_model_len, "tokens": tokens, "token_strs": strs}
+        )
 
     def _render(self, body: dict[str, Any], prompt: Prompt, id_prefix: str) -> dict[str, Any]:
         """Tokenize ``prompt`` (ids pass through) and wrap it as vLLM's render endpoints do."""
@@ -309,16 +331,20 @@ class SimServer:
 
     # ----- request parsing shared by inference and rendering --------------------------------
 
-    def _chat_prompt(self, body: dict[str, Any]) -> tuple[str, str]:
+    def _chat_prompt(self, body: dict[str, Any]) -> tuple[Prompt, str]:
         """The rendered chat prompt, and the role vLLM answers with."""
         add_generation_prompt = _flag(body, "add_generation_prompt", True)
         continue_final_message = _flag(body, "continue_final_message", False)
         if continue_final_message and body.get("add_generation_prompt") is True:
             raise _Invalid(bad_request("Cannot set both `continue_final_message` and `add_generation_prompt` to True."))
         messages = body.get("messages")
+        prompt: Prompt
         try:
-            prompt = render_chat(messages, add_generation_prompt, continue_final_message)
-        except PromptError as exc:
+            if self.tokenizer is not None:
+                prompt = self.tokenizer.prompt_ids(body)
+            else:
+                prompt = render_chat(messages, add_generation_prompt, continue_final_message)
+        except (PromptError, TokenizerError) as exc:
             raise _Invalid(bad_request(str(exc), "messages")) from None
         return prompt, "assistant" if add_generation_prompt else messages[-1]["role"]
 
@@ -331,6 +357,8 @@ class SimServer:
             raise _Invalid(bad_request(str(exc), "prompt")) from None
         if not isinstance(prompt, str):
             self._check_vocabulary(prompt, "prompt")
+        elif self.tokenizer is not None:
+            return self.tokenizer.encode(prompt, add_special_tokens=body.get("add_special_tokens") is not False)
         return prompt
 
     def _check_vocabulary(self, ids: Sequence[int], param: str) -> None:

@@ -44,6 +44,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--vocab-size", type=int, help="token ids stay below this (/tokenize, render, prompt ids); preset's default"
     )
+    p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="a model directory (Hugging Face tokenizer.json, and a chat template in tokenizer_config.json or "
+        "chat_template.jinja): prompts, /tokenize and the render endpoints use that tokenizer's ids instead of "
+        "the built-in stand-in (4 characters per token). Needs the tokenizer extra",
+    )
     faults = p.add_argument_group("fault injection (also at run time: POST /sim/faults)")
     faults.add_argument("--error-rate", type=float, default=0.0, help="share of inference requests answered 500")
     faults.add_argument("--delay-ms", type=float, default=0.0, help="wall-clock delay before every answer")
@@ -68,6 +75,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    from extproc.hf_tokenizer import HfTokenizer, TokenizerError
     from extproc.sim.config import SimConfigError, from_preset, parse_kv_events_config
     from extproc.sim.run import run as serve_replica
 
@@ -97,8 +105,11 @@ def run(args: argparse.Namespace) -> int:
             delay=ms(args.delay_ms),
             seed=args.seed,
             kv_events=kv_events,
+            tokenizer=args.tokenizer,
         )
-    except SimConfigError as exc:
+        if config.tokenizer is not None:
+            HfTokenizer.load(config.tokenizer)  # a clear error now rather than a failed start
+    except (SimConfigError, TokenizerError) as exc:
         print(f"extproc sim: error: {exc}", file=sys.stderr)
         return 2
     return serve_replica(config, args.host, args.port, int(args.max_body_mb * 1024 * 1024))

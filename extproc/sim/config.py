@@ -117,6 +117,8 @@ class SimConfig:
     engine_label: str = "0"
     # vLLM's --kv-events-config; None publishes nothing (as vLLM without the flag).
     kv_events: KVEventsConfig | None = None
+    # A model directory (Hugging Face tokenizer.json + chat template): prompts become that tokenizer's ids.
+    tokenizer: str | None = None
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily
 
 from extproc.datalayer.endpoint import EndpointState
+from extproc.hf_tokenizer import HfTokenizer, TokenizerError
 from extproc.scheduling.framework import SchedulingContext, register_scorer
 from extproc.scheduling.prefix.kv_index import KvBlockIndex, token_block_hashes
 from extproc.scheduling.prefix.metrics import RatioHistograms
@@ -92,7 +93,9 @@ class PrecisePrefixScorer:
     ``prefix`` scorer; ``max_prompt_blocks`` leading blocks looked up; ``max_blocks`` per endpoint until its
     capacity is known; ``speculative_ttl`` seconds a pick counts before the engine confirms it;
     ``render_timeout`` seconds to wait for the engine's tokenization before scoring without tokens;
-    ``render_cache`` tokenized prompts kept; ``replay_window`` batches of history replayed when a stream is
+    ``render_cache`` tokenized prompts kept; ``tokenizer``: a model directory (or its ``tokenizer.json``) to
+    tokenize with here instead of the render round trip, for every pool, or a mapping pool -> directory;
+    ``replay_window`` batches of history replayed when a stream is
     first heard (a picker start, an engine restart); ``fallback``: params of the embedded ``prefix`` scorer.
     """
 
@@ -111,6 +114,7 @@ class PrecisePrefixScorer:
         speculative_ttl: float = 2.0,
         render_timeout: float = 0.25,
         render_cache: int = 2048,
+        tokenizer: str | Mapping[str, str] | None = None,
         replay_window: int = 2000,
         fallback: Mapping[str, Any] | None = None,
     ) -> None:
@@ -133,6 +137,7 @@ class PrecisePrefixScorer:
         self.speculative = _Speculative(float(_number("speculative_ttl", speculative_ttl, 0)))
         self.render_timeout = float(_number("render_timeout", render_timeout, 0.001))
         self.render_cache = int(_number("render_cache", render_cache, 0, integer=True))
+        self.tokenizers = _load_tokenizers(tokenizer)
         self.replay_window = int(_number("replay_window", replay_window, 0, integer=True))
         if fallback is not None and not isinstance(fallback, Mapping):
             raise ValueError(f"fallback must be a mapping of prefix scorer params, got {fallback!r}")
@@ -249,6 +254,25 @@ class PrecisePrefixScorer:
             "Share of a prompt's blocks the picked endpoint's engine held (or was just sent), per request.",
             "pool",
         )
+
+
+def _load_tokenizers(given: str | Mapping[str, str] | None) -> dict[str | None, HfTokenizer]:
+    """Pool name (None: every pool) -> its model's tokenizer, read once at start."""
+    if given is None:
+        return {}
+    paths: Mapping[str | None, object] = {None: given} if isinstance(given, str) else given
+    if not isinstance(paths, Mapping) or not paths:
+        raise ValueError(f"tokenizer must be a model directory or a mapping pool -> directory, got {given!r}")
+    loaded: dict[str | None, HfTokenizer] = {}
+    for pool, path in paths.items():
+        field = "tokenizer" if pool is None else f"tokenizer.{pool}"
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"{field} must be a path (a model directory or its tokenizer.json), got {path!r}")
+        try:
+            loaded[pool] = HfTokenizer.load(path)
+        except TokenizerError as exc:
+            raise ValueError(f"{field}: {exc}") from None
+    return loaded
 
 
 def _as_array(tokens: Sequence[int]) -> array:
