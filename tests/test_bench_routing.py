@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from extproc.bench.routing.plan import DEFAULT_RATES, POLICIES, QUICK_POLICIES, uses_kv_events
+from extproc.bench.routing.plan import DEFAULT_RATES, POLICIES, QUICK_POLICIES, policy_sections, uses_kv_events
 from extproc.bench.routing.report import ROWS, markdown
 from extproc.bench.routing.targets import target_check, target_summary
 from extproc.bench.workloads import ROUTING_WORKLOADS, WORKLOADS, PressureParams, describe, make_workload
@@ -159,6 +160,25 @@ def test_precise_policy_is_the_default_with_the_event_scorer() -> None:
     assert "precise" not in QUICK_POLICIES
     assert uses_kv_events({"precise": POLICIES["precise"]})
     assert not uses_kv_events({p: POLICIES[p] for p in QUICK_POLICIES})
+
+
+def test_tokenizer_option_adds_precise_with_the_same_files_in_the_picker(tmp_path: Path) -> None:
+    import argparse
+
+    from extproc.bench.workloads import text, write_workload_tokenizer
+    from extproc.hf_tokenizer import HfTokenizer
+
+    args = argparse.Namespace(policy_config=[], policies="default,precise_local", quick=False, tokenizer="/m")
+    sections, names = policy_sections(args)
+    assert names == ["default", "precise_local"]
+    local = sections["precise_local"]["scorers"]
+    assert [s["name"] for s in local] == [s["name"] for s in POLICIES["precise"]["scorers"]]
+    assert local[-1]["params"] == {**POLICIES["precise"]["scorers"][-1]["params"], "tokenizer": "/m"}
+    assert "tokenizer" not in POLICIES["precise"]["scorers"][-1]["params"]  # the shared table is left alone
+    # `--tokenizer example`: ~4 characters per token on the workloads' text, as the calibration assumes
+    files = HfTokenizer.load(write_workload_tokenizer(tmp_path / "model"))
+    sample = text(random.Random(9), 2000)
+    assert 3.3 <= len(sample) / len(files.encode(sample, add_special_tokens=False)) <= 4.8
 
 
 def test_precise_checks_on_synthetic_cells() -> None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from extproc.config import ConfigError
 from extproc.datalayer.render import RenderTokenizer
 from extproc.datalayer.table import EndpointTable
 from extproc.gateway.command import check_config
-from extproc.hf_tokenizer import HfTokenizer, TokenizerError
+from extproc.hf_tokenizer import HfTokenizer, PieceCache, TokenizerError
 from extproc.local.stack import KV_EVENTS_PORT_OFFSET, KV_REPLAY_PORT_OFFSET, PoolSpec
 from extproc.local.stack import start_stack as start
 from extproc.scheduling.framework import PluginError
@@ -28,7 +31,7 @@ from extproc.sim.example_tokenizer import SPECIAL, write_example_tokenizer
 from tests.conftest import Sim
 from tests.helpers import metrics, post
 from tests.test_picker_e2e import MODEL, UPSTREAM, text
-from tests.test_precise_e2e import ask, picker_metric, wait_for
+from tests.test_precise_e2e import ask, picker_metric, wait_for, warm_past_the_gateway
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +64,25 @@ def test_chat_goes_through_the_template_once_with_its_special_tokens(model_dir: 
     plain = tok.prompt_ids({"prompt": "Once upon a time"})
     assert plain[0] == bos and tok.prompt_ids({"prompt": "Once upon a time", "add_special_tokens": False}) == plain[1:]
     assert not specials.intersection(plain[1:])
+
+
+def test_a_chat_encoded_message_by_message_is_the_whole_prompt_encoded(model_dir: Path) -> None:
+    """The picker and the simulator encode a chat piece by piece (cut at the added tokens), caching the pieces:
+    the ids must be those of the whole text, whatever the messages hold (marker strings included)."""
+    tok = HfTokenizer.load(model_dir)
+    cache = PieceCache(max_tokens=3000)  # small: pieces are evicted and encoded again along the way
+    rng = random.Random(5)
+    systems = [text(1500, i) for i in range(4)]
+    odd = ["", " ", "\n\n", "<|eot_id|>", "x<|start_header_id|>y", "<|eot_id", "é ü 漢字 🙂", "  trailing  "]
+    for i in range(200):
+        messages = [{"role": "system", "content": rng.choice(systems)}]
+        for _ in range(rng.randint(1, 4)):
+            messages.append({"role": "user", "content": rng.choice(odd) + text(rng.randint(1, 300), i)})
+            messages.append({"role": "assistant", "content": rng.choice(odd)})
+        whole_text, special = tok.prompt_text({"messages": messages, "add_generation_prompt": i % 2 == 0})
+        assert not special
+        assert cache.chat_ids(tok, whole_text) == tok.encode(whole_text, add_special_tokens=False), i
+    assert tok.pieces("a<|eot_id|>b") == ["a", "<|eot_id|>", "b"]
 
 
 def test_bad_files_and_requests_are_named(model_dir: Path, tmp_path: Path) -> None:
@@ -120,6 +142,9 @@ def test_the_picker_tokenizes_here_and_asks_an_engine_only_when_the_files_cannot
             assert ids is not None and list(ids) == engine
             assert (tokenizer.stats.local, tokenizer.stats.misses) == (1, 0)  # no round trip
             assert await tokenizer.token_ids("p", "test-model", body, "key-1") is ids and tokenizer.stats.hits == 1
+            long = {"messages": [{"role": "user", "content": text(20_000, 3)}]}  # encoded on a worker thread
+            long_ids = await tokenizer.token_ids("p", "test-model", long, "key-long")
+            assert long_ids is not None and list(long_ids) == tok.prompt_ids(long) and len(long_ids) > 2000
             # content the files cannot render here: the engine is asked (and refuses it too: no tokens, no error)
             odd = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
             assert await tokenizer.token_ids("p", "test-model", odd, "key-2") is None
@@ -172,12 +197,7 @@ def test_precise_routing_on_ids_computed_here_finds_what_an_engine_holds(model_d
         )
         target = replicas[1]
         document = text(2500, 11)
-        ask(target.base, document, "warm")
-        wait_for(
-            lambda: picker_metric(stack, "extproc_precise_prefix_index_blocks", target.address) >= 20,
-            20,
-            "the picker to index what replica 1 stored",
-        )
+        warm_past_the_gateway(stack, target, document, 20)
         for i in range(4):
             assert ask(stack.gateway, document, f"question {i}").headers[UPSTREAM] == target.address
             if i == 0:  # the first, before any pick of ours: its blocks matched only in the engine's own report
@@ -190,3 +210,15 @@ def test_precise_routing_on_ids_computed_here_finds_what_an_engine_holds(model_d
         assert values["extproc_tokenize_seconds_total"] > 0
     finally:
         stack.stop()
+
+
+def test_bench_tokenize_measures_each_way_and_every_request_gets_tokens(tmp_path: Path) -> None:
+    out = tmp_path / "tokenize.json"
+    argv = [sys.executable, "-m", "extproc", "bench", "tokenize", "--requests", "20", "--json", str(out)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    ways = ["engine render", "files here, whole", "files here, by message"]
+    assert [(r["shape"], r["way"]) for r in rows] == [(s, w) for s in ("shared", "unique") for w in ways]
+    assert all(r["prompt_tokens"] > 2000 and r["wall_mean_ms"] > 0 for r in rows)
+    assert "| shared | files here, by message |" in result.stdout

@@ -63,6 +63,17 @@ def ask(url: str, system: str, user: str) -> Any:
     return reply
 
 
+def warm_past_the_gateway(stack: Stack, target: Any, document: str, blocks: int) -> None:
+    """Send ``document`` straight to replica ``target`` (only its engine's events can tell the picker) and wait
+    until the picker has indexed at least ``blocks`` of what it stored."""
+    ask(target.base, document, "warm")
+    wait_for(
+        lambda: picker_metric(stack, "extproc_precise_prefix_index_blocks", target.address) >= blocks,
+        20,
+        f"the picker to index the blocks {target.address} stored",
+    )
+
+
 def test_the_picker_follows_what_each_engine_reports_and_falls_back_when_a_stream_dies(tmp_path: Path) -> None:
     stack = start_stack(tmp_path)
     try:
@@ -78,12 +89,7 @@ def test_the_picker_follows_what_each_engine_reports_and_falls_back_when_a_strea
         # A prompt sent straight to replica 2, past the gateway: only its engine's events tell the picker.
         target = replicas[2]
         document = text(3000, 7)
-        ask(target.base, document, "warm")
-        wait_for(
-            lambda: picker_metric(stack, "extproc_precise_prefix_index_blocks", target.address) >= 40,
-            20,
-            "the picker to index the blocks replica 2 stored",
-        )
+        warm_past_the_gateway(stack, target, document, 40)
         assert picker_metric(stack, "extproc_precise_prefix_live", target.address) == 1
         for i in range(5):
             assert ask(stack.gateway, document, f"question {i}").headers[UPSTREAM] == target.address

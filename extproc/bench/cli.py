@@ -8,7 +8,7 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="benchmarks (results go to stdout and optionally JSON)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    from extproc.bench import decision, fuzz, kv_ingest, overhead, picker_load, sim_throughput, soak
+    from extproc.bench import decision, fuzz, kv_ingest, overhead, picker_load, sim_throughput, soak, tokenize
     from extproc.bench.peers import command as peers
     from extproc.bench.routing import command as routing
 
@@ -21,3 +21,4 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     fuzz.add_parser(bench)
     kv_ingest.add_parser(bench)
     soak.add_parser(bench)
+    tokenize.add_parser(bench)

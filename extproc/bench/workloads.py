@@ -23,6 +23,7 @@ import itertools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
@@ -417,3 +418,15 @@ def describe(name: str, max_tokens: int) -> dict[str, Any]:
             "top_64_share": round(sum(shares[:64]), 3),
         }
     raise ValueError(name)
+
+
+def write_workload_tokenizer(directory: Path, seed: int = 1) -> Path:
+    """A model directory for the simulators and the picker (``--tokenizer example`` of the benchmarks): a small
+    BPE trained on these workloads' words with 800 merges, ~4 characters per token on their text, as the
+    simulator's stand-in tokenizer (and English in Llama 3's), so the rates and KV capacities calibrated for
+    the workloads still hold."""
+    from extproc.sim.example_tokenizer import write_example_tokenizer
+
+    rng = random.Random(seed)
+    corpus = [text(rng, 200) for _ in range(2000)]
+    return write_example_tokenizer(directory, vocab_size=800, corpus=corpus)

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from extproc.hf_tokenizer import HfTokenizer, TokenizerError
+from extproc.hf_tokenizer import HfTokenizer, PieceCache, TokenizerError
 from extproc.sim.config import SimConfig
 from extproc.sim.engine import Engine, EngineRequest, QueueFull
 from extproc.sim.metrics import SimMetrics
@@ -99,6 +99,7 @@ class SimServer:
         self.vocabulary = Vocabulary(config.vocab_size)
         # The model's own tokenizer when given: its ids replace the stand-in's everywhere a prompt is tokenized.
         self.tokenizer = HfTokenizer.load(config.tokenizer) if config.tokenizer else None
+        self._pieces = PieceCache()
         self.faults = Faults(error_rate=config.error_rate, delay=config.delay)
         self._unhang = asyncio.Event()
         self._unhang.set()
@@ -341,7 +342,8 @@ class SimServer:
         prompt: Prompt
         try:
             if self.tokenizer is not None:
-                prompt = self.tokenizer.prompt_ids(body)
+                text, special = self.tokenizer.prompt_text(body)
+                prompt = self.tokenizer.encode(text, True) if special else self._pieces.chat_ids(self.tokenizer, text)
             else:
                 prompt = render_chat(messages, add_generation_prompt, continue_final_message)
         except (PromptError, TokenizerError) as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 from pathlib import Path
 
 from extproc.hf_tokenizer import INSTALL_HINT, TokenizerError
@@ -34,8 +35,9 @@ def _corpus(lines: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 40))) + "." for _ in range(lines)]
 
 
-def write_example_tokenizer(directory: Path, vocab_size: int = 4096, seed: int = 0) -> Path:
-    """Train the tokenizer and write the directory (created if needed); returns it."""
+def write_example_tokenizer(directory: Path, vocab_size: int = 4096, seed: int = 0, corpus: Iterable[str] = ()) -> Path:
+    """Train the tokenizer (on ``corpus`` too: a benchmark's text, so its words become tokens as a real model's
+    vocabulary covers its language) and write the directory (created if needed); returns it."""
     try:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     except ImportError:
@@ -49,7 +51,7 @@ def write_example_tokenizer(directory: Path, vocab_size: int = 4096, seed: int =
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus(4000, seed), trainer)
+    tokenizer.train_from_iterator([*_corpus(4000, seed), *corpus], trainer)
     bos = tokenizer.token_to_id(SPECIAL[0])
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{SPECIAL[0]} $A", pair=f"{SPECIAL[0]} $A $B", special_tokens=[(SPECIAL[0], bos)]

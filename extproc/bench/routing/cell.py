@@ -143,7 +143,8 @@ def picker_metrics(url: str) -> dict[str, Any]:
     """The picker's view of the cell so far (its whole life: it restarts with every cell), from ``url``.
 
     The KV-event streams (``extproc_kv_events_*``: summed over endpoints, lag the largest), the prompts
-    rendered (``extproc_render_*``: cache hits, engine renders, errors, seconds waited), the precise scorer
+    tokenized (``extproc_render_*``, ``extproc_tokenize_*``: cache hits, engine renders, errors, seconds waited,
+    prompts tokenized here with the model's files and the seconds that took), the precise scorer
     (live endpoints, indexed blocks, requests it scored on events and the share of their prompt it expected
     the pick to hold) and the approximate prefix index (requests and the share it expected).
     """
@@ -161,6 +162,8 @@ def picker_metrics(url: str) -> dict[str, Any]:
             totals[f"render_{labels.get('result', '')}"] = value
         elif name == "extproc_render_seconds_total":
             totals["render_seconds"] = value
+        elif name == "extproc_tokenize_seconds_total":
+            totals["render_tokenize_seconds"] = value
         elif name.startswith(("extproc_kv_events_", "extproc_precise_prefix_", "inference_extension_prefix_")):
             totals[name] = totals.get(name, 0.0) + value
     out: dict[str, Any] = {"kv_events_lag_max_s": lag}
@@ -168,7 +171,7 @@ def picker_metrics(url: str) -> dict[str, Any]:
         out[f"kv_events_{key}"] = totals.get(
             f"extproc_kv_events_{key}_total", totals.get(f"extproc_kv_events_{key}", 0.0)
         )
-    for key in ("hit", "miss", "error", "seconds"):
+    for key in ("hit", "miss", "error", "seconds", "local", "local_error", "tokenize_seconds"):
         out[f"render_{key}"] = totals.get(f"render_{key}", 0.0)
     out["precise_live_endpoints"] = totals.get("extproc_precise_prefix_live", 0.0)
     out["precise_index_blocks"] = totals.get("extproc_precise_prefix_index_blocks", 0.0)

@@ -78,6 +78,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "(e.g. 'tuned={scorers: [{name: queue, weight: 3}, {name: prefix, weight: 3}]}'); it joins --policies",
     )
     p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="a model directory (tokenizer.json and chat template) every simulator tokenizes with, or 'example' "
+        "(a small BPE trained at start, written to the log directory); adds the policy precise_local: precise "
+        "tokenizing with the same files in the picker instead of asking the engines",
+    )
+    p.add_argument(
         "--candidate", default="default", help="the policy the target check holds to the targets (for tuning runs)"
     )
     p.add_argument("--quick", action="store_true", help="CI smoke run: the middle rate only, shorter cells")
@@ -102,6 +109,13 @@ def run(args: argparse.Namespace) -> int:
     workloads = select(args.workloads, ROUTING_WORKLOADS, "workload")
     if args.workloads is None and args.quick:
         workloads = list(QUICK_WORKLOADS)
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="extproc-bench-routing-"))
+    if args.tokenizer == "example":
+        from extproc.bench.workloads import write_workload_tokenizer
+
+        args.tokenizer = str(write_workload_tokenizer(log_dir / "tokenizer", args.seed))
+    elif args.tokenizer is not None and not (Path(args.tokenizer) / "tokenizer.json").is_file():
+        raise SystemExit(f"--tokenizer {args.tokenizer}: no tokenizer.json there (a model directory, or 'example')")
     sections, policies = policy_sections(args)
     kv_events = uses_kv_events(sections)
     rates = plan_rates(args, workloads)
@@ -114,7 +128,6 @@ def run(args: argparse.Namespace) -> int:
     scale = args.time_scale
     scrape = args.scrape_interval if args.scrape_interval is not None else 0.05 * scale
     plan = [Cell(w, r, p) for w in workloads for r in rates[w] for p in policies]
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="extproc-bench-routing-"))
     argv = sys.argv[sys.argv.index("routing") + 1 :] if "routing" in sys.argv else sys.argv[1:]
     command = " ".join(["extproc bench routing", *argv])
     print(
@@ -139,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, on_term)
     sim_args = (
         "--preset", "llama-3.2-1b", "--num-gpu-blocks", str(args.num_gpu_blocks), "--time-scale", str(scale),
-        "--seed", str(args.seed),
+        "--seed", str(args.seed), *(("--tokenizer", args.tokenizer) if args.tokenizer else ()),
     )  # fmt: skip
     stack = None
     interrupted = False

@@ -19,10 +19,10 @@ PRECISE_PARAMS: dict[str, Any] = {"port_offset": 1, "replay_port_offset": 2, "mi
 PRECISE_SCORER = "precise_prefix"
 
 
-def _precise_scorers() -> list[dict[str, Any]]:
-    """The default scorers with ``prefix`` replaced by ``precise_prefix`` at the same weight."""
+def _precise_scorers(**params: Any) -> list[dict[str, Any]]:
+    """The default scorers with ``prefix`` replaced by ``precise_prefix`` (with ``params``) at the same weight."""
     return [
-        {"name": PRECISE_SCORER, "weight": w, "params": dict(PRECISE_PARAMS)}
+        {"name": PRECISE_SCORER, "weight": w, "params": {**PRECISE_PARAMS, **params}}
         if n == "prefix"
         else {"name": n, "weight": w}
         for n, w in DEFAULT_SCORERS
@@ -40,6 +40,7 @@ POLICIES: dict[str, dict[str, Any]] = {
     "default": {},
     "precise": {"scorers": _precise_scorers()},
 }
+LOCAL_TOKENIZER_POLICY = "precise_local"  # offered with --tokenizer
 QUICK_POLICIES = ("random", "round_robin", "least_queue", "prefix_only", "default")
 QUICK_WORKLOADS = WORKLOADS  # --quick without --workloads: the four original workloads
 
@@ -90,6 +91,9 @@ def select(value: str | None, known: Sequence[str], what: str) -> list[str]:
 def policy_sections(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """The selected policies' ``scheduler:`` sections, with ``--policy-config`` ones added or replacing."""
     sections = dict(POLICIES)
+    tokenizer = getattr(args, "tokenizer", None)
+    if tokenizer is not None:  # `precise` tokenizing with the model's files here instead of asking the engines
+        sections[LOCAL_TOKENIZER_POLICY] = {"scorers": _precise_scorers(tokenizer=str(tokenizer))}
     extra: list[str] = []
     for item in args.policy_config:
         name, sep, value = item.partition("=")

@@ -108,8 +108,9 @@ def precise_view(cells: Sequence[dict[str, Any]]) -> list[str]:
         "### The precise scorer's view (the picker's metrics, whole cell)",
         "",
         "| workload | rate | policy | streams live | scored on events | expected hit (events) | expected hit "
-        "(approximate) | measured hit rate | blocks stored | blocks removed | gaps | lag max ms | render errors |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "(approximate) | measured hit rate | blocks stored | blocks removed | gaps | lag max ms | render errors | "
+        "tokenized by engine / here | tokens ms per request |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for c in rows:
         p = c["picker"]
@@ -119,7 +120,8 @@ def precise_view(cells: Sequence[dict[str, Any]]) -> list[str]:
             f"{show('{:.1%}', p['precise_expected_hit'])} | {show('{:.1%}', p['approximate_expected_hit'])} | "
             f"{show('{:.1%}', c['hit_rate'])} | {p['kv_events_blocks_stored']:.0f} | "
             f"{p['kv_events_blocks_removed']:.0f} | {p['kv_events_gaps']:.0f} | {p['kv_events_lag_max_s'] * 1e3:.0f} | "
-            f"{p.get('render_error', 0):.0f} |"
+            f"{p.get('render_error', 0):.0f} | {p.get('render_miss', 0):.0f} / {p.get('render_local', 0):.0f} | "
+            f"{(p.get('render_seconds', 0) + p.get('render_tokenize_seconds', 0)) * 1e3 / max(1, c['requests']):.2f} |"
         )
     return lines
 
