@@ -104,12 +104,15 @@ def run(args: argparse.Namespace) -> int:
     from extproc.bench.workloads import write_workload_tokenizer
     from extproc.datalayer.render import RenderTokenizer
     from extproc.datalayer.table import EndpointTable
-    from extproc.hf_tokenizer import HfTokenizer
+    from extproc.hf_tokenizer import HfTokenizer, TokenizerError
     from extproc.local.procs import free_port, start_sim
 
     work = Path(tempfile.mkdtemp(prefix="extproc-bench-tokenize-"))
-    directory = Path(args.tokenizer) if args.tokenizer else write_workload_tokenizer(work / "tokenizer")
-    files = HfTokenizer.load(directory)
+    try:
+        directory = Path(args.tokenizer) if args.tokenizer else write_workload_tokenizer(work / "tokenizer")
+        files = HfTokenizer.load(directory)
+    except TokenizerError as exc:
+        raise SystemExit(f"extproc bench tokenize: {exc}") from None
     port = free_port()
     sim = start_sim("sim", MODEL, port, work, "--time-scale", "0", "--tokenizer", str(directory))
     results: dict[str, dict[str, Any]] = {}

@@ -112,8 +112,12 @@ def run(args: argparse.Namespace) -> int:
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="extproc-bench-routing-"))
     if args.tokenizer == "example":
         from extproc.bench.workloads import write_workload_tokenizer
+        from extproc.hf_tokenizer import TokenizerError
 
-        args.tokenizer = str(write_workload_tokenizer(log_dir / "tokenizer", args.seed))
+        try:
+            args.tokenizer = str(write_workload_tokenizer(log_dir / "tokenizer", args.seed))
+        except TokenizerError as exc:
+            raise SystemExit(f"--tokenizer example: {exc}") from None
     elif args.tokenizer is not None and not (Path(args.tokenizer) / "tokenizer.json").is_file():
         raise SystemExit(f"--tokenizer {args.tokenizer}: no tokenizer.json there (a model directory, or 'example')")
     sections, policies = policy_sections(args)
