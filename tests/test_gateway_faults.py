@@ -315,7 +315,7 @@ def test_a_route_timeout_is_a_json_504(make_stack: Callable[..., Stack]) -> None
     assert reply.status == 504 and reply.headers["content-type"] == "application/json", reply
     error = reply.json()["error"]
     assert error == {"message": "upstream request timeout", "type": "timeout", "param": None, "code": 504}
-    assert 1.0 <= waited < 3.0, waited
+    assert 0.9 <= waited < 3.0, waited  # Envoy's timer may fire a fraction of a millisecond early (0.99989 s seen)
 
 
 def test_a_stalled_upload_is_a_json_408_and_a_slow_answer_is_not(make_stack: Callable[..., Stack]) -> None:

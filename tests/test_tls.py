@@ -122,7 +122,15 @@ def test_envoy_reaches_the_picker_over_mtls_and_routes(mtls_stack: Stack, certs:
     assert secret["name"] == sds["name"]
     assert secret["tls_certificate"]["certificate_chain"]["filename"] == str(certs.client_cert)
     assert secret["tls_certificate"]["watched_directory"]["path"] == str(certs.client_cert.parent)
-    assert context["validation_context"]["trusted_ca"]["filename"] == str(certs.ca)
+    # so does the CA it checks the picker's certificate against; the names to match stay in the bootstrap
+    combined = context["combined_validation_context"]
+    assert combined["default_validation_context"]["match_typed_subject_alt_names"]
+    ca_sds = combined["validation_context_sds_secret_config"]
+    [ca_secret] = yaml.safe_load(Path(ca_sds["sds_config"]["path_config_source"]["path"]).read_text())["resources"]
+    assert ca_secret["name"] == ca_sds["name"] and ca_secret["validation_context"]["trusted_ca"]["filename"] == str(
+        certs.ca
+    )
+    assert ca_secret["validation_context"]["watched_directory"]["path"] == str(certs.ca.parent)
 
     replies = [post(f"{mtls_stack.gateway}/v1/chat/completions", chat(i)) for i in range(20)]
     assert all(picked(r) for r in replies), [(r.status, r.headers.get(PICKED_HEADER)) for r in replies]
@@ -209,9 +217,14 @@ class SecretVolume:
         return issue(self.certs, target / "tls.crt", target / "tls.key", "localhost", DEFAULT_HOSTS)
 
     def swap(self, version: str) -> None:
-        link = self.directory / "..data_tmp"
-        link.symlink_to(f"..{version}")
-        link.replace(self.directory / "..data")
+        swap_data(self.directory, version)
+
+
+def swap_data(directory: Path, version: str) -> None:
+    """Point a Secret volume's ..data at ..<version> with one rename, as the kubelet does."""
+    link = directory / "..data_tmp"
+    link.symlink_to(f"..{version}")
+    link.replace(directory / "..data")
 
 
 def test_rotation_under_load_drops_nothing(tmp_path: Path, certs: LocalCerts) -> None:
@@ -349,6 +362,64 @@ def test_envoy_follows_a_renewal_of_its_client_certificate_without_a_restart(tmp
         stack.stop()
 
 
+def test_envoy_trusts_a_new_ca_for_the_picker_without_a_restart(tmp_path: Path, certs: LocalCerts) -> None:
+    """The CA bundle Envoy checks the picker against lives in a Secret volume; a second CA is added to it, then the
+    picker's certificate is renewed by that CA and the picker restarts (old connections gone): the same Envoy picks
+    again. With the CA inline in the bootstrap, read once, Envoy would refuse the new certificate and every request
+    would fail open."""
+    other = write_certs(tmp_path / "other-ca")
+    bundle = tmp_path / "envoy-ca"
+    bundle.mkdir()
+    (bundle / "ca.crt").symlink_to("..data/ca.crt")
+    for version, text in (("v1", certs.ca.read_text()), ("v2", certs.ca.read_text() + other.ca.read_text())):
+        (bundle / f"..{version}").mkdir()
+        (bundle / f"..{version}" / "ca.crt").write_text(text)
+    swap_data(bundle, "v1")
+    serving = tmp_path / "picker-tls"
+    serving.mkdir()
+    for name, source in (("tls.crt", certs.server_cert), ("tls.key", certs.server_key)):
+        shutil.copy(source, serving / name)
+    server_tls = {"cert_file": str(serving / "tls.crt"), "key_file": str(serving / "tls.key")}
+    server_tls["client_ca_file"] = str(certs.ca)
+    envoy_client = ClientTls(str(bundle / "ca.crt"), None, str(certs.client_cert), str(certs.client_key))
+    stack = start_stack(
+        tmp_path / "stack",
+        POOLS,
+        tls=certs,
+        settings={"server": {"tls": server_tls}},
+        bootstrap_options={"ext_proc_tls": envoy_client},
+    )
+    try:
+        time.sleep(0.3)
+        assert all(picked(post(f"{stack.gateway}/v1/chat/completions", chat(i))) for i in range(5))
+        added = serial_of(other.ca)
+        swap_data(bundle, "v2")  # one rename, as the kubelet does
+
+        def envoy_trusts_the_new_ca() -> bool:
+            loaded = json.loads(get(f"http://127.0.0.1:{stack.admin_port}/certs").body)["certificates"]
+            cas = [c for entry in loaded for c in entry.get("ca_cert", [])]
+            return added in {int(c["serial_number"], 16) for c in cas}
+
+        wait_for(envoy_trusts_the_new_ca, 10, "Envoy to load the CA bundle with the new CA")
+        for name, source in (("tls.crt", other.server_cert), ("tls.key", other.server_key)):
+            shutil.copy(source, serving / f"{name}.new")
+            (serving / f"{name}.new").replace(serving / name)
+        assert stack.extproc is not None
+        stack.extproc.stop()
+        restarted = Child("extproc-restarted", extproc_argv("serve", "--config", str(stack.config_path)), stack.log_dir)
+        stack.extras.append(restarted)
+        replies: list[bool] = []
+
+        def picks_again() -> bool:
+            replies.append(picked(post(f"{stack.gateway}/v1/chat/completions", chat(len(replies)))))
+            return replies[-1]
+
+        wait_for(picks_again, 20, "a pick through the restarted picker, serving a certificate of the new CA")
+        assert all(picked(post(f"{stack.gateway}/v1/chat/completions", chat(100 + i))) for i in range(5))
+    finally:
+        stack.stop()
+
+
 def test_a_half_done_rotation_keeps_the_previous_pair(tmp_path: Path, certs: LocalCerts) -> None:
     """A rotation that rewrites the files one by one: new key with the old certificate is ignored until the
     certificate lands too."""
@@ -434,9 +505,8 @@ def test_envoy_config_tls_options(tmp_path: Path, certs: LocalCerts) -> None:
     assert status == 0, text
     tls = ext_proc_cluster(tmp_path / "envoy.yaml")["transport_socket"]["typed_config"]
     assert tls["sni"] == "extproc"
-    assert tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"] == [
-        {"san_type": "DNS", "matcher": {"exact": "extproc"}}
-    ]
+    names = tls["common_tls_context"]["combined_validation_context"]["default_validation_context"]
+    assert names["match_typed_subject_alt_names"] == [{"san_type": "DNS", "matcher": {"exact": "extproc"}}]
     assert tls["common_tls_context"]["alpn_protocols"] == ["h2"]
     validate_bootstrap(tmp_path / "envoy.yaml", tmp_path / "validated.yaml")  # Envoy accepts it (files exist)
     # The client certificate: through an SDS file beside the output (Envoy follows renewals), or --secrets-dir;
@@ -451,6 +521,7 @@ def test_envoy_config_tls_options(tmp_path: Path, certs: LocalCerts) -> None:
     [inline] = [c for c in yaml.safe_load(out.getvalue())["static_resources"]["clusters"] if c["name"] == "extproc"]
     common = inline["transport_socket"]["typed_config"]["common_tls_context"]
     assert common["tls_certificates"][0]["certificate_chain"]["filename"] == str(certs.client_cert)
+    assert common["validation_context"]["trusted_ca"]["filename"] == str(certs.ca)
 
 
 def test_extproc_certs_command(tmp_path: Path) -> None:

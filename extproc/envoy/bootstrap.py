@@ -53,9 +53,9 @@ def build_bootstrap_message(
     ext_proc resolves them). Envoy rejects a bootstrap whose EDS file is missing.
 
     ``ext_proc_tls`` makes Envoy reach the ext_proc over TLS (mTLS with a client certificate); a configuration with
-    ``server.tls`` requires it, since its picker accepts nothing else. ``secrets_dir`` is where the client
-    certificate's SDS file is written (`write_client_secret`), so Envoy follows its renewals; without it Envoy
-    reads the certificate once, at start.
+    ``server.tls`` requires it, since its picker accepts nothing else. ``secrets_dir`` is where the SDS files of
+    the client certificate and the CA are written (`write_client_secret`, `write_ca_secret`), so Envoy follows
+    their renewals; without it Envoy reads them once, at start.
     """
     tls = config.server.tls
     if tls is not None and ext_proc_tls is None:

@@ -215,6 +215,8 @@ def _is_hostname(value: str) -> bool:
 
 CLIENT_SECRET = "extproc-client"  # the SDS secret of Envoy's client certificate for the picker
 CLIENT_SECRET_FILE = "extproc-client-sds.yaml"
+CA_SECRET = "extproc-picker-ca"  # the SDS secret of the CA Envoy trusts for the picker's certificate
+CA_SECRET_FILE = "extproc-picker-ca-sds.yaml"
 
 
 def write_client_secret(secrets_dir: str | Path, certificate: Any) -> Path:
@@ -230,24 +232,52 @@ def write_client_secret(secrets_dir: str | Path, certificate: Any) -> Path:
     cert = Path(certificate.certificate_chain.filename)
     if cert.parent == Path(certificate.private_key.filename).parent:
         certificate.watched_directory = core.WatchedDirectory(path=str(cert.parent))
-    secret = {
+    return _write_secret(
+        secrets_dir, CLIENT_SECRET_FILE, tls_v3.Secret(name=CLIENT_SECRET, tls_certificate=certificate)
+    )
+
+
+def write_ca_secret(secrets_dir: str | Path, ca_file: str) -> Path:
+    """Write the file-based SDS resource of the CA bundle Envoy checks the picker's certificate against, its
+    directory watched as for `write_client_secret`: a new CA added to the bundle (before the picker's certificate
+    is renewed by it) reaches Envoy without a restart."""
+    from envoy_data_plane.envoy.extensions.transport_sockets.tls import v3 as tls_v3
+
+    context = tls_v3.CertificateValidationContext(
+        trusted_ca=core.DataSource(filename=ca_file),
+        watched_directory=core.WatchedDirectory(path=str(Path(ca_file).parent)),
+    )
+    return _write_secret(secrets_dir, CA_SECRET_FILE, tls_v3.Secret(name=CA_SECRET, validation_context=context))
+
+
+def _write_secret(secrets_dir: str | Path, file_name: str, secret: Any) -> Path:
+    resource = {
         "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
-        **tls_v3.Secret(name=CLIENT_SECRET, tls_certificate=certificate).to_dict(casing=SNAKE),
+        **secret.to_dict(casing=SNAKE),
     }
-    path = Path(secrets_dir) / CLIENT_SECRET_FILE
+    path = Path(secrets_dir) / file_name
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(yaml.safe_dump({"resources": [secret]}, sort_keys=False))
+    temporary.write_text(yaml.safe_dump({"resources": [resource]}, sort_keys=False))
     temporary.replace(path)  # Envoy watches this file too: never let it read half of one
     return path
+
+
+def _sds(name: str, path: Path) -> Any:
+    from envoy_data_plane.envoy.extensions.transport_sockets.tls import v3 as tls_v3
+
+    source = core.ConfigSource(
+        path_config_source=core.PathConfigSource(path=str(path)), resource_api_version=core.ApiVersion.V3
+    )
+    return tls_v3.SdsSecretConfig(name=name, sds_config=source)
 
 
 def _ext_proc_tls(targets: Sequence[str], tls: ClientTls, secrets_dir: str | None = None) -> core.TransportSocket:
     """Envoy's TLS to the picker (server.tls): its certificate must chain to ``tls.ca_file`` and name
     ``tls.server_name`` (default: one of the targets' hosts), and with a client certificate Envoy presents it (mTLS).
 
-    With ``secrets_dir`` the client certificate comes through file-based SDS (`write_client_secret`) and is
-    re-read when it changes; without, Envoy reads it at start only. The CA file is read at start either way."""
+    With ``secrets_dir`` the client certificate and the CA come through file-based SDS (`write_client_secret`,
+    `write_ca_secret`) and are re-read when they change; without, Envoy reads them at start only."""
     from envoy_data_plane.envoy.extensions.transport_sockets.tls import v3 as tls_v3
 
     san = tls_v3.SubjectAltNameMatcherSanType
@@ -264,12 +294,16 @@ def _ext_proc_tls(targets: Sequence[str], tls: ClientTls, secrets_dir: str | Non
         )
         for n in names
     ]
-    common_tls = tls_v3.CommonTlsContext(
-        alpn_protocols=["h2"],
-        validation_context=tls_v3.CertificateValidationContext(
+    common_tls = tls_v3.CommonTlsContext(alpn_protocols=["h2"])
+    if secrets_dir is None:
+        common_tls.validation_context = tls_v3.CertificateValidationContext(
             trusted_ca=core.DataSource(filename=tls.ca_file), match_typed_subject_alt_names=matchers
-        ),
-    )
+        )
+    else:  # the names checked here, the CA from its SDS file (Envoy merges the two)
+        common_tls.combined_validation_context = tls_v3.CommonTlsContextCombinedCertificateValidationContext(
+            default_validation_context=tls_v3.CertificateValidationContext(match_typed_subject_alt_names=matchers),
+            validation_context_sds_secret_config=_sds(CA_SECRET, write_ca_secret(secrets_dir, tls.ca_file)),
+        )
     if tls.cert_file and tls.key_file:
         certificate = tls_v3.TlsCertificate(
             certificate_chain=core.DataSource(filename=tls.cert_file),
@@ -278,12 +312,8 @@ def _ext_proc_tls(targets: Sequence[str], tls: ClientTls, secrets_dir: str | Non
         if secrets_dir is None:
             common_tls.tls_certificates = [certificate]
         else:
-            source = core.ConfigSource(
-                path_config_source=core.PathConfigSource(path=str(write_client_secret(secrets_dir, certificate))),
-                resource_api_version=core.ApiVersion.V3,
-            )
             common_tls.tls_certificate_sds_secret_configs = [
-                tls_v3.SdsSecretConfig(name=CLIENT_SECRET, sds_config=source)
+                _sds(CLIENT_SECRET, write_client_secret(secrets_dir, certificate))
             ]
     sni = next((n for n in names if n not in ips), "")  # SNI carries a name, never an IP address
     context = tls_v3.UpstreamTlsContext(common_tls_context=common_tls, sni=sni)

@@ -38,8 +38,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     tls.add_argument("--ext-proc-key", help="the client certificate's private key")
     tls.add_argument(
         "--secrets-dir",
-        help="where to write the client certificate's SDS file, which makes Envoy re-read the certificate when "
-        "it is renewed (default: the --output file's directory; with --output -, none: read once at start)",
+        help="where to write the SDS files of the client certificate and the CA, which make Envoy re-read them "
+        "when they are renewed (default: the --output file's directory; with --output -, none: read once at start)",
     )
     p.add_argument("--message-timeout-ms", type=int, default=200, help="ext_proc per-message timeout")
     p.add_argument(
