@@ -193,8 +193,11 @@ def test_stream_starts_with_the_first_token_so_the_client_sees_prefill(start_sim
     async def measure() -> dict[str, tuple[float, float]]:
         chat = "/v1/chat/completions"
         await first_chunks(s.base, chat, {**chat_body(shared), "stream": True})  # warms the cache
+        # A stall of the machine only adds time, so the cached case takes the best of three (a CI run once
+        # measured 378 ms for one of its ~13 ms requests).
+        cached = [await first_chunks(s.base, chat, {**chat_body(shared), "stream": True}) for _ in range(3)]
         return {
-            "cached": await first_chunks(s.base, chat, {**chat_body(shared), "stream": True}),
+            "cached": min(cached, key=lambda t: t[1]),
             "long": await first_chunks(s.base, chat, {**chat_body(long), "stream": True}),
             "completion": await first_chunks(
                 s.base,

@@ -308,6 +308,44 @@ def wait_for(condition: Any, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
+def start_tls_stack_that_picks(
+    tmp_path: Path, certs: LocalCerts, server_tls: dict[str, str], envoy_client: ClientTls
+) -> Stack:
+    """A stack whose picker serves ``server_tls`` and whose Envoy reaches it with ``envoy_client``; requests are
+    picked through it (else it is stopped and the test fails)."""
+    stack = start_stack(
+        tmp_path / "stack",
+        POOLS,
+        tls=certs,
+        settings={"server": {"tls": server_tls}},
+        bootstrap_options={"ext_proc_tls": envoy_client},
+    )
+    try:
+        time.sleep(0.3)
+        assert all(picked(post(f"{stack.gateway}/v1/chat/completions", chat(i))) for i in range(5))
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def restart_picker_and_wait_for_picks(stack: Stack, what: str) -> None:
+    """Restart the stack's picker (Envoy's connections to it end: the next ones handshake afresh) and wait until
+    requests through the same Envoy are picked again."""
+    assert stack.extproc is not None
+    stack.extproc.stop()
+    restarted = Child("extproc-restarted", extproc_argv("serve", "--config", str(stack.config_path)), stack.log_dir)
+    stack.extras.append(restarted)
+    replies: list[bool] = []
+
+    def picks_again() -> bool:
+        replies.append(picked(post(f"{stack.gateway}/v1/chat/completions", chat(len(replies)))))
+        return replies[-1]
+
+    wait_for(picks_again, 20, what)
+    assert all(picked(post(f"{stack.gateway}/v1/chat/completions", chat(100 + i))) for i in range(5))
+
+
 def test_envoy_follows_a_renewal_of_its_client_certificate_without_a_restart(tmp_path: Path, certs: LocalCerts) -> None:
     """Envoy's client certificate for the picker lives in a Secret volume and is renewed by a new CA's; the
     picker then trusts only that CA and restarts (old connections gone): requests are picked again through the
@@ -325,16 +363,8 @@ def test_envoy_follows_a_renewal_of_its_client_certificate_without_a_restart(tmp
     server_tls = {"cert_file": str(certs.server_cert), "key_file": str(certs.server_key)}
     server_tls["client_ca_file"] = str(trusted)
     envoy_client = ClientTls(str(certs.ca), None, str(volume.cert), str(volume.key))
-    stack = start_stack(
-        tmp_path / "stack",
-        POOLS,
-        tls=certs,
-        settings={"server": {"tls": server_tls}},
-        bootstrap_options={"ext_proc_tls": envoy_client},
-    )
+    stack = start_tls_stack_that_picks(tmp_path, certs, server_tls, envoy_client)
     try:
-        time.sleep(0.3)
-        assert all(picked(post(f"{stack.gateway}/v1/chat/completions", chat(i))) for i in range(5))
         renewed = serial_of(volume.directory / "..v2" / "tls.crt")
         volume.swap("v2")  # one rename, as the kubelet does
         assert stack.envoy is not None
@@ -346,18 +376,7 @@ def test_envoy_follows_a_renewal_of_its_client_certificate_without_a_restart(tmp
 
         wait_for(envoy_holds_the_renewal, 10, "Envoy to load the renewed client certificate")
         trusted.write_text(other.ca.read_text())  # the old CA retired: only the renewed certificate passes
-        assert stack.extproc is not None
-        stack.extproc.stop()
-        restarted = Child("extproc-restarted", extproc_argv("serve", "--config", str(stack.config_path)), stack.log_dir)
-        stack.extras.append(restarted)
-        replies: list[bool] = []
-
-        def picks_again() -> bool:
-            replies.append(picked(post(f"{stack.gateway}/v1/chat/completions", chat(len(replies)))))
-            return replies[-1]
-
-        wait_for(picks_again, 20, "a pick through the restarted picker, which trusts only the new CA")
-        assert all(picked(post(f"{stack.gateway}/v1/chat/completions", chat(100 + i))) for i in range(5))
+        restart_picker_and_wait_for_picks(stack, "a pick through the restarted picker, which trusts only the new CA")
     finally:
         stack.stop()
 
@@ -382,16 +401,8 @@ def test_envoy_trusts_a_new_ca_for_the_picker_without_a_restart(tmp_path: Path, 
     server_tls = {"cert_file": str(serving / "tls.crt"), "key_file": str(serving / "tls.key")}
     server_tls["client_ca_file"] = str(certs.ca)
     envoy_client = ClientTls(str(bundle / "ca.crt"), None, str(certs.client_cert), str(certs.client_key))
-    stack = start_stack(
-        tmp_path / "stack",
-        POOLS,
-        tls=certs,
-        settings={"server": {"tls": server_tls}},
-        bootstrap_options={"ext_proc_tls": envoy_client},
-    )
+    stack = start_tls_stack_that_picks(tmp_path, certs, server_tls, envoy_client)
     try:
-        time.sleep(0.3)
-        assert all(picked(post(f"{stack.gateway}/v1/chat/completions", chat(i))) for i in range(5))
         added = serial_of(other.ca)
         swap_data(bundle, "v2")  # one rename, as the kubelet does
 
@@ -404,18 +415,7 @@ def test_envoy_trusts_a_new_ca_for_the_picker_without_a_restart(tmp_path: Path, 
         for name, source in (("tls.crt", other.server_cert), ("tls.key", other.server_key)):
             shutil.copy(source, serving / f"{name}.new")
             (serving / f"{name}.new").replace(serving / name)
-        assert stack.extproc is not None
-        stack.extproc.stop()
-        restarted = Child("extproc-restarted", extproc_argv("serve", "--config", str(stack.config_path)), stack.log_dir)
-        stack.extras.append(restarted)
-        replies: list[bool] = []
-
-        def picks_again() -> bool:
-            replies.append(picked(post(f"{stack.gateway}/v1/chat/completions", chat(len(replies)))))
-            return replies[-1]
-
-        wait_for(picks_again, 20, "a pick through the restarted picker, serving a certificate of the new CA")
-        assert all(picked(post(f"{stack.gateway}/v1/chat/completions", chat(100 + i))) for i in range(5))
+        restart_picker_and_wait_for_picks(stack, "a pick through the restarted picker, on the new CA's certificate")
     finally:
         stack.stop()
 
