@@ -121,6 +121,9 @@ def test_the_simulator_renders_and_tokenizes_with_the_models_files(
     assert answer.status == 200 and answer.json()["usage"]["prompt_tokens"] == len(expected)
     detok = post(f"{sim.base}/detokenize", {"tokens": expected[:3]}).json()["prompt"]
     assert detok.startswith(SPECIAL[0])
+    size = tok.encoder.get_vocab_size()  # the model's vocabulary bounds ids, not --vocab-size
+    beyond = post(f"{sim.base}/detokenize", {"tokens": [size]})
+    assert beyond.status == 400 and f"Token id {size} is out of vocabulary" in beyond.json()["error"]["message"]
     refused = post(f"{sim.base}/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]})
     assert refused.status == 400 and "unknown role wizard" in refused.json()["error"]["message"]
 

@@ -366,7 +366,8 @@ class SimServer:
     def _check_vocabulary(self, ids: Sequence[int], param: str) -> None:
         """vLLM refuses ids its tokenizer could never produce; so does the simulator, by ``--vocab-size``."""
         top = max(ids, default=0)
-        if top >= self.config.vocab_size:
+        size = self.tokenizer.encoder.get_vocab_size() if self.tokenizer is not None else self.config.vocab_size
+        if top >= size:
             raise _Invalid(bad_request(f"Token id {top} is out of vocabulary", param))
 
     async def _read_request(self, request: web.Request) -> tuple[dict[str, Any], str]:
