@@ -273,25 +273,25 @@ class SimServer:
     @_answers_invalid
     async def tokenize(self, request: web.Request) -> web.StreamResponse:
         body, _model = await self._read_request(request)
-        if self.tokenizer is not None:
-            return self._tokenize_with_model(body)
+        prompt: Prompt
         if "messages" in body:
-            text, _role = self._chat_prompt(body)
+            prompt, _role = self._chat_prompt(body)
         elif isinstance(body.get("prompt"), str):
-            text = body["prompt"]
+            prompt = self._completion_prompt(body)  # the text, or the model's ids with --tokenizer
         else:
             raise _Invalid(bad_request("send 'prompt' (a string) or 'messages' (a chat)", "prompt"))
         strs = body.get("return_token_strs")
         if strs is not None and not isinstance(strs, bool):
             raise _Invalid(bad_request("'return_token_strs' must be true or false", "return_token_strs"))
-        tokens = self.vocabulary.encode(text)
+        if isinstance(prompt, str):
+            tokens = self.vocabulary.encode(prompt)
+            texts = token_texts(prompt) if strs else None
+        else:
+            assert self.tokenizer is not None  # only the model's tokenizer turns a text prompt into ids here
+            tokens = list(prompt)
+            texts = [self.tokenizer.decode([t]) for t in tokens] if strs else None
         return _json(
-            {
-                "count": len(tokens),
-                "max_model_len": self.config.max_model_len,
-                "tokens": tokens,
-                "token_strs": token_texts(text) if strs else None,
-            }
+            {"count": len(tokens), "max_model_len": self.config.max_model_len, "tokens": tokens, "token_strs": texts}
         )
 
     @_answers_invalid
@@ -307,21 +307,6 @@ class SimServer:
             return _json({"prompt": self.vocabulary.decode(tokens)})
         except UnknownTokens as exc:
             raise _Invalid(bad_request(exc.args[0], "tokens")) from None
-
-    def _tokenize_with_model(self, body: dict[str, Any]) -> web.Response:
-        """/tokenize with the model's tokenizer: a chat through its template, a prompt as given."""
-        tokenizer = self.tokenizer
-        assert tokenizer is not None
-        if "messages" in body:
-            tokens = list(self._chat_prompt(body)[0])
-        elif isinstance(body.get("prompt"), str):
-            tokens = list(self._completion_prompt(body))
-        else:
-            raise _Invalid(bad_request("send 'prompt' (a string) or 'messages' (a chat)", "prompt"))
-        strs = [tokenizer.decode([t]) for t in tokens] if body.get("return_token_strs") is True else None
-        return _json(
-            {"count": len(tokens), "max_model_len": self.config.max_model_len, "tokens": tokens, "token_strs": strs}
-        )
 
     def _render(self, body: dict[str, Any], prompt: Prompt, id_prefix: str) -> dict[str, Any]:
         """Tokenize ``prompt`` (ids pass through) and wrap it as vLLM's render endpoints do."""
