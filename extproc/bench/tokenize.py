@@ -88,13 +88,10 @@ class _Whole:
         self.stats = RenderStats()
 
     async def token_ids(self, _pool: str, _model: str, body: dict[str, Any], _key: str) -> list[int]:
-        from extproc.datalayer.render import THREAD_CHARS
+        from extproc.datalayer.render import encode_texts
 
         text, special = self._tokenizer.prompt_text(body)
-        if len(text) > THREAD_CHARS:
-            return (await asyncio.to_thread(self._tokenizer.encode_releasing, [text], special))[0]
-        ids: list[int] = self._tokenizer.encode(text, special)
-        return ids
+        return (await encode_texts(self._tokenizer, [text], special))[0]
 
     async def close(self) -> None:
         return None

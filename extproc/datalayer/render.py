@@ -131,11 +131,11 @@ class RenderTokenizer:
             text, special = tokenizer.prompt_text(body)
             pieces = None if special else tokenizer.pieces(text)
             if pieces is None:  # a completions prompt (special tokens added), or a tokenizer that cannot be cut
-                ids = (await self._encode(tokenizer, [text], special))[0]
+                ids = (await encode_texts(tokenizer, [text], special))[0]
             else:  # a chat: only the messages not seen lately are encoded
                 cache = self._pieces[id(tokenizer)]
                 missing = cache.missing(tokenizer, pieces)
-                fresh = dict(zip(missing, await self._encode(tokenizer, missing, False), strict=True))
+                fresh = dict(zip(missing, await encode_texts(tokenizer, missing, False), strict=True))
                 ids = cache.join(tokenizer, pieces, fresh)
             tokens = array("I", ids)
         except (TokenizerError, OverflowError) as exc:
@@ -148,12 +148,6 @@ class RenderTokenizer:
             self.stats.local_seconds += time.perf_counter() - started
         self.stats.local += 1
         return tokens
-
-    @staticmethod
-    async def _encode(tokenizer: HfTokenizer, texts: list[str], special: bool) -> list[list[int]]:
-        if sum(map(len, texts)) > THREAD_CHARS:
-            return await asyncio.to_thread(tokenizer.encode_releasing, texts, special)
-        return [tokenizer.encode(t, special) for t in texts]
 
     async def _render(self, address: str, path: str, body: dict[str, Any]) -> array | None:
         if self._session is None:
@@ -193,6 +187,13 @@ class RenderTokenizer:
         while len(self._cache) > self._cache_entries or self._cached_tokens > MAX_CACHED_TOKENS:
             _, old = self._cache.popitem(last=False)
             self._cached_tokens -= len(old)
+
+
+async def encode_texts(tokenizer: HfTokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    """The ids of each text: here, or on a worker thread past ``THREAD_CHARS`` characters in all."""
+    if sum(map(len, texts)) > THREAD_CHARS:
+        return await asyncio.to_thread(tokenizer.encode_releasing, texts, special)
+    return [tokenizer.encode(t, special) for t in texts]
 
 
 class RenderCollector:
