@@ -110,16 +110,16 @@ def run(args: argparse.Namespace) -> int:
     if args.workloads is None and args.quick:
         workloads = list(QUICK_WORKLOADS)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="extproc-bench-routing-"))
-    if args.tokenizer == "example":
+    if args.tokenizer is not None:  # the picker's own check of the files, before any process starts
         from extproc.bench.workloads import write_workload_tokenizer
-        from extproc.hf_tokenizer import TokenizerError
+        from extproc.hf_tokenizer import HfTokenizer, TokenizerError
 
         try:
-            args.tokenizer = str(write_workload_tokenizer(log_dir / "tokenizer", args.seed))
+            if args.tokenizer == "example":
+                args.tokenizer = str(write_workload_tokenizer(log_dir / "tokenizer", args.seed))
+            HfTokenizer.load(args.tokenizer)
         except TokenizerError as exc:
-            raise SystemExit(f"--tokenizer example: {exc}") from None
-    elif args.tokenizer is not None and not (Path(args.tokenizer) / "tokenizer.json").is_file():
-        raise SystemExit(f"--tokenizer {args.tokenizer}: no tokenizer.json there (a model directory, or 'example')")
+            raise SystemExit(f"--tokenizer: {exc}") from None
     sections, policies = policy_sections(args)
     kv_events = uses_kv_events(sections)
     rates = plan_rates(args, workloads)
