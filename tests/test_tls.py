@@ -522,6 +522,17 @@ def test_envoy_config_tls_options(tmp_path: Path, certs: LocalCerts) -> None:
     common = inline["transport_socket"]["typed_config"]["common_tls_context"]
     assert common["tls_certificates"][0]["certificate_chain"]["filename"] == str(certs.client_cert)
     assert common["validation_context"]["trusted_ca"]["filename"] == str(certs.ca)
+    # TLS without a client certificate (a picker that does not ask for one): the CA alone, through an SDS file
+    # beside the output as well
+    one_way = tmp_path / "one-way"
+    one_way.mkdir()
+    path = tls_config(one_way, **certs.server_tls(mutual=False))
+    status, text = run("--ext-proc-ca", str(certs.ca))
+    assert status == 0, text
+    common = ext_proc_cluster(tmp_path / "envoy.yaml")["transport_socket"]["typed_config"]["common_tls_context"]
+    assert "tls_certificate_sds_secret_configs" not in common and "validation_context" not in common
+    ca_sds = common["combined_validation_context"]["validation_context_sds_secret_config"]
+    assert ca_sds["sds_config"]["path_config_source"]["path"] == str(tmp_path / "extproc-picker-ca-sds.yaml")
 
 
 def test_extproc_certs_command(tmp_path: Path) -> None:

@@ -82,7 +82,7 @@ def secrets_dir(args: argparse.Namespace) -> str | None:
     """--secrets-dir, else the output file's directory (Envoy reads the bootstrap there, so it can read this)."""
     if args.secrets_dir is not None:
         return str(args.secrets_dir)
-    if args.ext_proc_cert is None or args.output == "-":
+    if args.ext_proc_ca is None or args.output == "-":  # no TLS to the picker, or nowhere to write the files
         return None
     return str(Path(args.output).resolve().parent)
 

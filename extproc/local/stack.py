@@ -269,7 +269,7 @@ def start_picker_and_envoy(
         options = dict(bootstrap_options or {})
         if stack.tls is not None:
             options.setdefault("ext_proc_tls", stack.tls.client())
-            options.setdefault("secrets_dir", str(stack.log_dir))  # Envoy follows the client certificate's renewals
+            options.setdefault("secrets_dir", str(stack.log_dir))  # Envoy follows renewals of its cert and the CA
         if stack.more_configs:
             options.setdefault("ext_proc", stack.ext_proc_targets)
         bootstrap = build_bootstrap(
