@@ -197,6 +197,8 @@ def test_precise_checks_on_synthetic_cells() -> None:
         cell("pressure", 30.0, "default", ttft_p90_ms=500.0, hit_rate=0.4),
         cell("pressure", 30.0, "precise", ttft_p90_ms=200.0, hit_rate=0.45),
         cell("pressure", 30.0, "round_robin", ttft_p90_ms=900.0, hit_rate=0.2),
+        # the fixed-bound approximate index, at the top rate only: 4x on p90, +0.25 hit rate
+        cell("pressure", 30.0, "approximate_fixed", ttft_p90_ms=800.0, hit_rate=0.2),
         # elsewhere: TTFT mean within 5 % and hit rate at most 0.01 below
         cell("tenants", 15.0, "default", ttft_mean_ms=40.0, hit_rate=0.9),
         cell("tenants", 15.0, "precise", ttft_mean_ms=42.0, hit_rate=0.895),
@@ -222,6 +224,16 @@ def test_precise_checks_on_synthetic_cells() -> None:
     assert rows[("tenants", 15.0, "default TTFT mean / round_robin's <= 0.5")]["passed"] is None
     lines = target_summary(target_check(cells))
     assert any("+0.12 PASS" in line for line in lines) and any("2.50 PASS" in line for line in lines)
+    # against the fixed-bound approximate index too, where it ran (n/a where it did not)
+    fixed_top = rows[("pressure", 30.0, "approximate_fixed TTFT p90 / precise's >= 2 (top rate)")]
+    assert fixed_top["passed"] is True and fixed_top["value"] == 4.0
+    fixed_hit = rows[("pressure", 30.0, "precise hit rate - approximate_fixed's >= 0.10 (heavy eviction)")]
+    assert fixed_hit["passed"] is True and math.isclose(fixed_hit["value"], 0.25)
+    assert rows[("pressure", 20.0, "approximate_fixed TTFT p90 / precise's >= 1")]["passed"] is None
+    assert not any(
+        "approximate_fixed" in r["check"]
+        for r in target_check([c for c in cells if c["policy"] != "approximate_fixed"])
+    )
     # without the precise policy, no precise rows
     assert not any("precise" in r["check"] for r in target_check([c for c in cells if c["policy"] != "precise"]))
     setup = {"command": "x", "replicas": 4, "preset": "p", "num_gpu_blocks": 4096, "time_scale": 0.5}

@@ -19,19 +19,25 @@ PRECISE_PARAMS: dict[str, Any] = {"port_offset": 1, "replay_port_offset": 2, "mi
 PRECISE_SCORER = "precise_prefix"
 
 
-def _precise_scorers(**params: Any) -> list[dict[str, Any]]:
-    """The default scorers with ``prefix`` replaced by ``precise_prefix`` (with ``params``) at the same weight."""
+def _default_scorers_with(name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The default scorers with ``prefix`` replaced by ``name`` (with ``params``) at the same weight."""
     return [
-        {"name": PRECISE_SCORER, "weight": w, "params": {**PRECISE_PARAMS, **params}}
-        if n == "prefix"
-        else {"name": n, "weight": w}
+        {"name": name, "weight": w, "params": params} if n == "prefix" else {"name": n, "weight": w}
         for n, w in DEFAULT_SCORERS
     ]
 
 
+def _precise_scorers(**params: Any) -> list[dict[str, Any]]:
+    """The default scorers with ``prefix`` replaced by ``precise_prefix`` (with ``params``) at the same weight."""
+    return _default_scorers_with(PRECISE_SCORER, {**PRECISE_PARAMS, **params})
+
+
 # The policies of extproc/scheduling/scheduler.py's docstring, as `scheduler:` sections.
 # "default" is the empty section: whatever the code's defaults are when the benchmark runs; "precise" is the
-# default with its approximate prefix scorer replaced by the KV-event one (its filters and picker: the defaults).
+# default with its approximate prefix scorer replaced by the KV-event one (its filters and picker: the defaults);
+# "approximate_fixed" is the default with the approximate index bounded by a fixed number of blocks per endpoint
+# (16,384) instead of the endpoint's KV capacity: the approximate index as GIE's prefix plugin keeps it (a fixed
+# LRU per server), the baseline llm-d measured its KV-event scorer against.
 POLICIES: dict[str, dict[str, Any]] = {
     "random": {"filters": ["subset", "healthy"], "scorers": [], "picker": "random"},
     "round_robin": {"filters": ["subset", "healthy"], "scorers": [], "picker": "round_robin"},
@@ -39,6 +45,7 @@ POLICIES: dict[str, dict[str, Any]] = {
     "prefix_only": {"filters": ["subset", "healthy"], "scorers": [{"name": "prefix", "weight": 1}]},
     "default": {},
     "precise": {"scorers": _precise_scorers()},
+    "approximate_fixed": {"scorers": _default_scorers_with("prefix", {"capacity_aware": False})},
 }
 LOCAL_TOKENIZER_POLICY = "precise_local"  # offered with --tokenizer
 QUICK_POLICIES = ("random", "round_robin", "least_queue", "prefix_only", "default")
