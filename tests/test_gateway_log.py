@@ -8,10 +8,12 @@ import logging
 import pytest
 
 from extproc.gateway.app import LateReplyFilter
+from extproc.gateway.telemetry import Telemetry
 
 
 def test_a_reply_to_a_cancelled_stream_is_not_logged_as_an_error(caplog: pytest.LogCaptureFixture) -> None:
     late = LateReplyFilter()
+    late.telemetry = telemetry = Telemetry()
     grpc_log = logging.getLogger("grpc._cython.cygrpc")
     grpc_log.addFilter(late)
     try:
@@ -24,4 +26,5 @@ def test_a_reply_to_a_cancelled_stream_is_not_logged_as_an_error(caplog: pytest.
     finally:
         grpc_log.removeFilter(late)
     assert late.dropped == 1
+    assert telemetry.registry.get_sample_value("extproc_late_replies_total") == 1
     assert [r.getMessage() for r in caplog.records] == ["Unexpected error in the servicer"]

@@ -171,8 +171,12 @@ class App:
         await self.discovery.stop()
 
 
-async def serve(config: Config, config_path: Path | None = None, reuse_port: bool = False) -> None:
+async def serve(
+    config: Config, config_path: Path | None = None, reuse_port: bool = False, late: LateReplyFilter | None = None
+) -> None:
     app = App(config, config_path, reuse_port=reuse_port)
+    if late is not None:
+        late.telemetry = app.telemetry
     await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -198,7 +202,8 @@ class LateReplyFilter(logging.Filter):
     """Drop grpc.aio's ERROR-with-traceback for a reply written to a stream its client had just cancelled.
 
     The core refuses the write (``ExecuteBatchError``) because the call is over: a race with a departing client
-    (Envoy ending a request, the fuzzer cancelling), not a fault, and nothing is lost. Counted in ``dropped``.
+    (Envoy ending a request, the fuzzer cancelling), not a fault, and nothing is lost. Counted in ``dropped`` and,
+    once ``telemetry`` is set, in its ``extproc_late_replies_total``.
     """
 
     MESSAGE = "ExecuteBatchError raised in core by servicer method"
@@ -206,10 +211,13 @@ class LateReplyFilter(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.dropped = 0
+        self.telemetry: Telemetry | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and record.msg.startswith(self.MESSAGE):
             self.dropped += 1
+            if self.telemetry is not None:
+                self.telemetry.late_replies.inc()
             return False
         return True
 
@@ -219,7 +227,8 @@ def run(config: Config, config_path: Path | None = None, reuse_port: bool = Fals
 
     disable_created_metrics()
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    logging.getLogger("grpc._cython.cygrpc").addFilter(LateReplyFilter())
+    late = LateReplyFilter()
+    logging.getLogger("grpc._cython.cygrpc").addFilter(late)
     fix_mmap_threshold()  # large freed blocks go back to the system (gateway/heap.py)
     try:
         import uvloop
@@ -228,7 +237,7 @@ def run(config: Config, config_path: Path | None = None, reuse_port: bool = Fals
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         runner = asyncio.run
     try:
-        runner(serve(config, config_path, reuse_port))
+        runner(serve(config, config_path, reuse_port, late))
     except OSError as exc:
         print(f"extproc serve: error: {exc}", flush=True)
         return 2

@@ -106,6 +106,12 @@ class Telemetry:
             ["plugin"],
             registry=r,
         )
+        self.late_replies = Counter(
+            "extproc_late_replies",
+            "Replies written to an ext_proc stream its client (Envoy) had just ended, refused by gRPC: a race with a "
+            "departing client, nothing lost; a steady rate means Envoy gives up on the picker (message_timeout).",
+            registry=r,
+        )
         self._decision_children: dict[str, Any] = {}
         self._request_children: dict[tuple[str, str, str, str], Any] = {}
         self._pick_children: dict[tuple[str, str], Any] = {}
