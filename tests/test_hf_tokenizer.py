@@ -225,3 +225,10 @@ def test_bench_tokenize_measures_each_way_and_every_request_gets_tokens(tmp_path
     assert [(r["shape"], r["way"]) for r in rows] == [(s, w) for s in ("shared", "unique") for w in ways]
     assert all(r["prompt_tokens"] > 2000 and r["wall_mean_ms"] > 0 for r in rows)
     assert "| shared | files here, by message |" in result.stdout
+
+
+def test_sim_with_a_directory_without_tokenizer_files_stops_with_the_reason(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "extproc", "sim", "--model", "m", "--port", "0", "--tokenizer", str(tmp_path)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"extproc sim: error: {tmp_path}: no tokenizer.json there" in result.stderr

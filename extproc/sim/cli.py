@@ -75,7 +75,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    from extproc.hf_tokenizer import HfTokenizer, TokenizerError
     from extproc.sim.config import SimConfigError, from_preset, parse_kv_events_config
     from extproc.sim.run import run as serve_replica
 
@@ -107,9 +106,7 @@ def run(args: argparse.Namespace) -> int:
             kv_events=kv_events,
             tokenizer=args.tokenizer,
         )
-        if config.tokenizer is not None:
-            HfTokenizer.load(config.tokenizer)  # a clear error now rather than a failed start
-    except (SimConfigError, TokenizerError) as exc:
+    except SimConfigError as exc:
         print(f"extproc sim: error: {exc}", file=sys.stderr)
         return 2
     return serve_replica(config, args.host, args.port, int(args.max_body_mb * 1024 * 1024))

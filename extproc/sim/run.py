@@ -10,6 +10,7 @@ import sys
 from aiohttp import web
 from prometheus_client import disable_created_metrics
 
+from extproc.hf_tokenizer import TokenizerError
 from extproc.sim.api import SimServer
 from extproc.sim.config import SimConfig
 from extproc.sim.kv_events import KVEventsBindError
@@ -20,7 +21,8 @@ class PortInUse(RuntimeError):
 
 
 async def serve(config: SimConfig, host: str, port: int, max_body_bytes: int) -> None:
-    server = SimServer(config, max_body_bytes=max_body_bytes)  # binds the KV-events sockets, if enabled
+    # Binds the KV-events sockets, if enabled; loads --tokenizer's files (TokenizerError names what is wrong).
+    server = SimServer(config, max_body_bytes=max_body_bytes)
     runner = web.AppRunner(server.app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
@@ -62,7 +64,7 @@ def run(config: SimConfig, host: str, port: int, max_body_bytes: int) -> int:
         runner = asyncio.run
     try:
         runner(serve(config, host, port, max_body_bytes))
-    except (PortInUse, KVEventsBindError) as exc:
+    except (PortInUse, KVEventsBindError, TokenizerError) as exc:
         print(f"extproc sim: error: {exc}", file=sys.stderr)
         return 2
     return 0
