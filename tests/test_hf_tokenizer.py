@@ -174,7 +174,11 @@ def test_a_bad_tokenizer_param_is_refused_at_start_naming_the_field(model_dir: P
         check_config(config_with(tmp_path, str(tmp_path / "nowhere")))
     with pytest.raises(PluginError, match=r"tokenizer.1b must be a path"):
         check_config(config_with(tmp_path, {"1b": 7}))
-    with pytest.raises(ConfigError, match=r"names pool\(s\) 3b, which the config does not define; its pools: 1b"):
+    with pytest.raises(
+        ConfigError,
+        match=r"scheduler.scorers\[0\].params.tokenizer names pool\(s\) 3b, which the config does not define; "
+        r"its pools: 1b",
+    ):
         check_config(config_with(tmp_path, {"3b": str(model_dir)}))
     _config, scheduler = check_config(config_with(tmp_path, {"1b": str(model_dir)}))
     assert scheduler.needs_tokens

@@ -15,7 +15,9 @@ plugin and calls them without knowing what the plugin is:
   scrape time (``members`` maps each pool to its endpoint addresses);
 - ``share_kind`` with ``shared_record``, ``encode_shared`` and ``apply_shared``: what the plugin learns
   from a pick, shared with the other replicas of the picker (``state.backend: redis``). The request path
-  only calls ``shared_record`` (cheap: a tuple); encoding and applying happen in the background.
+  only calls ``shared_record`` (cheap: a tuple); encoding and applying happen in the background;
+- ``named_pools()``: params that name pools (param -> the names given), checked against the config's pools
+  at start so a typo is an error naming the entry, not a setting that silently never applies.
 """
 
 from __future__ import annotations
@@ -107,6 +109,13 @@ class SharesState(Protocol):
 
     def apply_shared(self, address: str, payload: bytes) -> None:
         """Learn another replica's pick of ``address``; raises ValueError when ``payload`` is malformed."""
+        ...
+
+
+@runtime_checkable
+class NamesPools(Protocol):
+    def named_pools(self) -> Mapping[str, Iterable[str]]:
+        """Per-pool params: param name -> the pool names it was given, checked against the config's pools."""
         ...
 
 

@@ -36,6 +36,7 @@ from extproc.scheduling.framework import (
     ExportsMetrics,
     Filter,
     LearnsFromPicks,
+    NamesPools,
     OnEmpty,
     Picker,
     RemembersEndpoints,
@@ -61,15 +62,16 @@ class Scheduler:
     def __init__(self, settings: cfg.Scheduler | None = None, *, rng: random.Random | None = None) -> None:
         self.settings = settings = settings or cfg.Scheduler()
         self.rng = rng or random.Random()
+        self._entries: list[tuple[str, Any]] = []  # (config path, plugin): errors point at the config's entry
         self._filters: list[Filter] = [
-            build("filter", f.name, f.params, f"scheduler.filters[{i}]") for i, f in enumerate(settings.filters)
+            self._build("filter", f.name, f.params, f"scheduler.filters[{i}]") for i, f in enumerate(settings.filters)
         ]
         self._scorers: list[tuple[float, Scorer]] = [
-            (s.weight, build("scorer", s.name, s.params, f"scheduler.scorers[{i}]"))
+            (s.weight, self._build("scorer", s.name, s.params, f"scheduler.scorers[{i}]"))
             for i, s in enumerate(settings.scorers)
             if s.weight > 0
         ]
-        self._picker: Picker = build("picker", settings.picker.name, settings.picker.params, "scheduler.picker")
+        self._picker: Picker = self._build("picker", settings.picker.name, settings.picker.params, "scheduler.picker")
         self._count = 1 + settings.fallbacks
         plugins = self.plugins()
         self._learners = [p for p in plugins if isinstance(p, LearnsFromPicks)]
@@ -84,14 +86,22 @@ class Scheduler:
     def from_config(cls, config: cfg.Config, rng: random.Random | None = None) -> Scheduler:
         scheduler = cls(config.scheduler, rng=rng)
         pools = [p.name for p in config.pools]
-        for plugin in scheduler.plugins():  # a plugin's per-pool settings must name configured pools
-            unknown = sorted(str(k) for k in getattr(plugin, "tokenizers", {}) if k is not None and k not in pools)
-            if unknown:
-                raise cfg.ConfigError(
-                    f"scheduler.scorers: precise_prefix's tokenizer names pool(s) {', '.join(unknown)}, which the "
-                    f"config does not define; its pools: {', '.join(pools)}"
-                )
+        for where, plugin in scheduler._entries:  # a plugin's per-pool params must name configured pools
+            if not isinstance(plugin, NamesPools):
+                continue
+            for param, named in plugin.named_pools().items():
+                unknown = sorted(str(n) for n in named if n not in pools)
+                if unknown:
+                    raise cfg.ConfigError(
+                        f"{where}.params.{param} names pool(s) {', '.join(unknown)}, which the config does not "
+                        f"define; its pools: {', '.join(pools)}"
+                    )
         return scheduler
+
+    def _build(self, kind: str, name: str, params: Mapping[str, Any] | None, where: str) -> Any:
+        plugin = build(kind, name, params, where)
+        self._entries.append((where, plugin))
+        return plugin
 
     @property
     def needs_tokens(self) -> bool:

@@ -146,6 +146,9 @@ class PrecisePrefixScorer:
         self.hit_ratio = RatioHistograms()
         self.scored = {"precise": 0, "approximate": 0}  # candidates scored each way
 
+    def named_pools(self) -> Mapping[str, Iterable[str]]:
+        return {"tokenizer": [pool for pool in self.tokenizers if pool is not None]}
+
     # ----- the event subscriber's side ---------------------------------------------------------------
 
     def event_address(self, address: str, replay: bool = False) -> tuple[str, int] | None:
