@@ -36,8 +36,7 @@ def _precise_scorers(**params: Any) -> list[dict[str, Any]]:
 # "default" is the empty section: whatever the code's defaults are when the benchmark runs; "precise" is the
 # default with its approximate prefix scorer replaced by the KV-event one (its filters and picker: the defaults);
 # "approximate_fixed" is the default with the approximate index bounded by a fixed number of blocks per endpoint
-# (16,384) instead of the endpoint's KV capacity: the approximate index as GIE's prefix plugin keeps it (a fixed
-# LRU per server), the baseline llm-d measured its KV-event scorer against.
+# (16,384) instead of the endpoint's KV capacity, as GIE's prefix plugin bounds its index (a fixed LRU per server).
 POLICIES: dict[str, dict[str, Any]] = {
     "random": {"filters": ["subset", "healthy"], "scorers": [], "picker": "random"},
     "round_robin": {"filters": ["subset", "healthy"], "scorers": [], "picker": "round_robin"},
