@@ -32,7 +32,7 @@ from extproc.datalayer.eds import write_eds
 from extproc.envoy.bootstrap import build_bootstrap, render_bootstrap
 from extproc.envoy.command import add_parser, main
 from extproc.envoy.run import start_envoy, validate_bootstrap
-from extproc.local.procs import Child, free_port, start_sim
+from extproc.local.procs import Child, SimStart, free_port_blocks, start_sims
 from extproc.local.stack import PoolSpec, start_stack
 from tests.helpers import get, metrics, post
 
@@ -404,7 +404,6 @@ class Stack:
 def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, list[str]]]:
     """Two 1b and two 3b replicas, a 1b replica in no pool, and a slow one (real-time tokens) for streaming."""
     log_dir = tmp_path_factory.mktemp("sims")
-    children: list[Child] = []
     out: dict[str, list[str]] = {"1b": [], "3b": [], "outsider": [], "slow": []}
     instant = ("--time-scale", "0")
     groups = [
@@ -413,12 +412,14 @@ def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, list[st
         ("outsider", MODEL_1B, 1, instant),
         ("slow", "slow-model", 1, ("--time-scale", "1", "--itl-ms", "100")),
     ]
+    planned: list[SimStart] = []
+    ports = iter(free_port_blocks(sum(count for _, _, count, _ in groups)))
+    for group, model, count, args in groups:
+        for i in range(count):
+            planned.append(SimStart(f"{group}-{i}", model, next(ports), args))
+            out[group].append(f"127.0.0.1:{planned[-1].port}")
+    children = start_sims(planned, log_dir)
     try:
-        for group, model, count, args in groups:
-            for i in range(count):
-                port = free_port()
-                children.append(start_sim(f"{group}-{i}", model, port, log_dir, *args))
-                out[group].append(f"127.0.0.1:{port}")
         yield out
     finally:
         for child in children:

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -27,6 +28,21 @@ def free_ports(count: int, host: str = "127.0.0.1") -> int:
         first = free_port(host)
         if first + count <= 65536 and all(port_free(first + i, host) for i in range(count)):
             return first
+
+
+def free_port_blocks(count: int, width: int = 1, taken: set[int] | None = None, host: str = "127.0.0.1") -> list[int]:
+    """The first ports of ``count`` blocks of ``width`` consecutive free ports, none overlapping another or
+    ``taken`` (which gets the new blocks): for servers started together, none of which has bound its ports yet
+    when the next one's are chosen."""
+    taken = set() if taken is None else taken
+    firsts: list[int] = []
+    while len(firsts) < count:
+        first = free_ports(width, host)
+        block = range(first, first + width)
+        if not taken.intersection(block):
+            firsts.append(first)
+            taken.update(block)
+    return firsts
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -113,10 +129,31 @@ def extproc_argv(*args: str) -> list[str]:
 def start_sim(
     name: str, model: str, port: int, log_dir: Path, *extra: str, host: str = "127.0.0.1", timeout: float = 20.0
 ) -> Child:
-    child = Child(name, extproc_argv("sim", "--model", model, "--host", host, "--port", str(port), *extra), log_dir)
+    return start_sims([SimStart(name, model, port, extra)], log_dir, host=host, timeout=timeout)[0]
+
+
+@dataclass(frozen=True)
+class SimStart:
+    """One simulator to start: its process name, served model, HTTP port and extra ``extproc sim`` options."""
+
+    name: str
+    model: str
+    port: int
+    extra: Sequence[str] = ()
+
+
+def start_sims(sims: Sequence[SimStart], log_dir: Path, host: str = "127.0.0.1", timeout: float = 20.0) -> list[Child]:
+    """Start every simulator at once, then wait for each to answer /health: the interpreters start in parallel
+    (a second each, most of a stack's start when done one after another). If one fails, all are stopped."""
+    children: list[Child] = []
     try:
-        child.wait_http(f"http://{host}:{port}/health", timeout)
+        for sim in sims:
+            argv = extproc_argv("sim", "--model", sim.model, "--host", host, "--port", str(sim.port), *sim.extra)
+            children.append(Child(sim.name, argv, log_dir))
+        for sim, child in zip(sims, children, strict=True):
+            child.wait_http(f"http://{host}:{sim.port}/health", timeout)
     except BaseException:
-        child.stop()
+        for child in children:
+            child.stop()
         raise
-    return child
+    return children

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from extproc.config import Config, parse_config, parse_host_port
-from extproc.local.procs import Child, extproc_argv, free_port, free_ports, start_sim
+from extproc.local.procs import Child, SimStart, extproc_argv, free_port, free_port_blocks, free_ports, start_sims
 
 if TYPE_CHECKING:
     from extproc.local.certs import LocalCerts
@@ -120,6 +120,8 @@ class Stack:
 
     def start_extproc(self) -> Child:
         """Start the picker (and any more pickers of ``start_stack(pickers=N)``); returns the first."""
+        started: list[tuple[Config, Child]] = []
+        # All at once, then wait for each: the interpreters start in parallel.
         for i, (config, path) in enumerate([(self.config, self.config_path), *self.more_configs], start=1):
             argv = extproc_argv("serve", "--config", str(path))
             if self.workers > 1:
@@ -129,6 +131,8 @@ class Stack:
                 self.extproc = child
             else:
                 self.more_pickers.append(child)
+            started.append((config, child))
+        for config, child in started:
             host, _, port = local_address(config.server.metrics_listen).rpartition(":")  # [v6] keeps its brackets
             for k in range(self.workers):  # every worker ready, not only the first
                 if self.tls is None:
@@ -176,16 +180,18 @@ def start_stack(
     log_dir.mkdir(parents=True, exist_ok=True)
     started: list[Child] = []
     try:
-        sims: dict[str, list[SimReplica]] = {}
+        planned: list[tuple[str, SimStart]] = []
+        taken: set[int] = set()
         for spec in pools:
-            replicas = []
-            for i in range(spec.replicas):
-                port = free_ports(3) if spec.kv_events else free_port()
+            width = 3 if spec.kv_events else 1  # HTTP, then KV events and replay on + 1, + 2
+            for i, port in enumerate(free_port_blocks(spec.replicas, width, taken)):
                 events = kv_events_args(port, spec.model) if spec.kv_events else ()
-                child = start_sim(f"sim-{spec.name}-{i}", spec.model, port, log_dir, *spec.sim_args, *events)
-                started.append(child)
-                replicas.append(SimReplica(child, port))
-            sims[spec.name] = replicas
+                sim = SimStart(f"sim-{spec.name}-{i}", spec.model, port, (*spec.sim_args, *events))
+                planned.append((spec.name, sim))
+        started += start_sims([sim for _, sim in planned], log_dir)
+        sims: dict[str, list[SimReplica]] = {spec.name: [] for spec in pools}
+        for (pool, sim), child in zip(planned, started, strict=True):
+            sims[pool].append(SimReplica(child, sim.port))
         data: dict[str, Any] = {
             "server": {
                 "listen": f"127.0.0.1:{extproc_port or free_port()}",

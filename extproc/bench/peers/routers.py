@@ -25,7 +25,7 @@ from extproc.bench.peers.cpu import tree_seconds
 from extproc.bench.routing.plan import POLICIES
 from extproc.bench.routing.switch import post
 from extproc.bench.workloads import MODEL
-from extproc.local.procs import Child, free_port, start_sim
+from extproc.local.procs import Child, SimStart, free_port, free_port_blocks, start_sims
 from extproc.names import PICKED_HEADER
 
 if TYPE_CHECKING:
@@ -198,10 +198,8 @@ def _peer_argv(spec: RouterSpec, program: str, port: int, bases: Sequence[str]) 
 def _start_peer(spec: RouterSpec, setup: SimSetup, log_dir: Path, program: str) -> Running:
     sims: list[Child] = []
     try:
-        ports = []
-        for i in range(setup.replicas):
-            ports.append(free_port())
-            sims.append(start_sim(f"sim-bench-{i}", MODEL, ports[-1], log_dir, *setup.args()))
+        ports = free_port_blocks(setup.replicas)
+        sims = start_sims([SimStart(f"sim-bench-{i}", MODEL, p, setup.args()) for i, p in enumerate(ports)], log_dir)
         bases = [f"http://127.0.0.1:{p}" for p in ports]
         port = free_port()
         router = Child(spec.name, _peer_argv(spec, program, port, bases), log_dir)
