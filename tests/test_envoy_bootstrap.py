@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import threading
 import time
@@ -426,21 +425,9 @@ def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, list[st
             child.stop()
 
 
-def distinct_ports(count: int) -> list[int]:
-    """Free ports that are distinct from each other (all held open at once while the OS picks them)."""
-    held = [socket.socket() for _ in range(count)]
-    try:
-        for s in held:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in held]
-    finally:
-        for s in held:
-            s.close()
-
-
 def _run_envoy(config: Config, ext_proc: str | None, log_dir: Path, **kwargs: Any) -> tuple[Child, str, str]:
     """Start Envoy; ``ext_proc=None`` points it at a closed port (the outage case)."""
-    listen, admin, closed = distinct_ports(3)
+    listen, admin, closed = free_port_blocks(3)
     ext_proc = ext_proc or f"127.0.0.1:{closed}"
     bootstrap = build_bootstrap(
         config, listen=f"127.0.0.1:{listen}", admin=f"127.0.0.1:{admin}", ext_proc=ext_proc, **kwargs

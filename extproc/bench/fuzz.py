@@ -1068,17 +1068,17 @@ def fuzz_grpc(options: Options) -> Report:
     """Fuzz `extproc serve` over gRPC: ``options.inputs`` streams, then ``options.idle_streams`` idle ones."""
     import yaml
 
-    from extproc.local.procs import Child, extproc_argv, free_port, start_sim
+    from extproc.local.procs import Child, SimStart, extproc_argv, free_port, free_port_blocks, start_sims
 
     log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix="extproc-fuzz-grpc-"))
     report = Report("grpc")
     children: list[Child] = []
     try:
-        sims = []
-        for i in range(2):
-            port = free_port()
-            children.append(start_sim(f"sim-{i}", "fuzz-a", port, log_dir, "--time-scale", "0"))
-            sims.append(f"127.0.0.1:{port}")
+        ports = free_port_blocks(2)
+        children += start_sims(
+            [SimStart(f"sim-{i}", "fuzz-a", p, ("--time-scale", "0")) for i, p in enumerate(ports)], log_dir
+        )
+        sims = [f"127.0.0.1:{p}" for p in ports]
         pools = {"a": sims, "b": [f"127.0.0.1:{free_port()}" for _ in range(2)]}  # b: nothing listens
         models = {"a": ["fuzz-a"], "b": ["fuzz-b", "fuzz-b-alias"]}
         listen, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"

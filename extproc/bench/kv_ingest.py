@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from extproc.bench.machine import describe, summary_line
     from extproc.bench.peers.cpu import tree_seconds
     from extproc.bench.picker_load import _samples
-    from extproc.local.procs import Child, extproc_argv, free_port, free_ports, start_sim
+    from extproc.local.procs import Child, SimStart, extproc_argv, free_port, free_port_blocks, start_sims
 
     rates = [float(x) for x in args.rates.split(",") if x.strip()]
     log_dir = Path(tempfile.mkdtemp(prefix="extproc-bench-events-"))
@@ -134,12 +134,11 @@ def run(args: argparse.Namespace) -> int:
     publishers: list[Publisher] = []
     results: dict[str, Any] = {"cases": []}
     try:
-        ports = []
-        for i in range(args.replicas):
-            port = free_ports(2)
-            children.append(start_sim(f"sim-{i}", MODEL, port, log_dir, "--time-scale", "0"))
-            ports.append(port)
-            publishers.append(Publisher(port + 1, args.capacity, seed=i + 1))
+        ports = free_port_blocks(args.replicas, 2)  # HTTP, and the events this benchmark publishes on + 1
+        children += start_sims(
+            [SimStart(f"sim-{i}", MODEL, p, ("--time-scale", "0")) for i, p in enumerate(ports)], log_dir
+        )
+        publishers += [Publisher(p + 1, args.capacity, seed=i + 1) for i, p in enumerate(ports)]
         listen, metrics = free_port(), free_port()
         scorer = {"name": "precise_prefix", "weight": 4, "params": {"port_offset": 1, "max_blocks": args.capacity * 2}}
         config = {

@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     from extproc.bench.machine import describe, summary_line
-    from extproc.local.procs import Child, extproc_argv, free_port, free_ports, start_sim
+    from extproc.local.procs import Child, SimStart, extproc_argv, free_port, free_port_blocks, free_ports, start_sims
 
     cases = [int(x) for x in args.workers.split(",") if x.strip()]
     log_dir = Path(tempfile.mkdtemp(prefix="extproc-bench-picker-"))
@@ -57,11 +57,11 @@ def run(args: argparse.Namespace) -> int:
     children: list[Child] = []
     results: dict[str, Any] = {"cases": {}}
     try:
-        sims = []
-        for i in range(args.replicas):
-            port = free_port()
-            children.append(start_sim(f"sim-{i}", MODEL, port, log_dir, "--time-scale", "0"))
-            sims.append(f"127.0.0.1:{port}")
+        ports = free_port_blocks(args.replicas)
+        children += start_sims(
+            [SimStart(f"sim-{i}", MODEL, p, ("--time-scale", "0")) for i, p in enumerate(ports)], log_dir
+        )
+        sims = [f"127.0.0.1:{p}" for p in ports]
         state: dict[str, Any] = {}
         if args.redis:
             from extproc.local.redis import start_redis
